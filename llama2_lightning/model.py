@@ -1,0 +1,203 @@
+"""The Llama 2 decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache.
+
+Parameter names follow Meta's reference implementation (``tok_embeddings``, ``layers.N.attention.wq``,
+``feed_forward.w1``, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``) so a Meta state dict loads
+with ``strict=True``. Nothing here chooses a device or a dtype: build the model under
+``torch.device("meta")`` and materialise it with ``to_empty`` + ``reset_parameters``, or build it
+wherever the caller's default device is.
+
+Shape letters: B batch, T query length, S key length (cache slots), H query heads, G KV heads,
+D head dim, C model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llama2_lightning.config import LlamaConfig
+
+
+def rope_frequencies(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
+    """RoPE rotations as unit complex numbers, (seq_len, head_dim // 2) complex64 (Su et al. 2021; Meta's
+    ``precompute_freqs_cis``). Complex so that ``model.to(torch.bfloat16)`` leaves the table in full precision."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` (B, T, heads, D) by ``freqs``
+    (B or 1, T, D/2) complex. Meta's convention; Hugging Face checkpoints permute ``wq``/``wk`` to match
+    their half-split convention, which the converters undo."""
+    rot = torch.view_as_real(freqs).unsqueeze(2)  # (B|1, T, 1, D/2, 2)
+    cos, sin = rot[..., 0], rot[..., 1]  # (B|1, T, 1, D/2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, heads, D/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, heads, D)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for one attention layer, indexed by cache slot."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, G, S, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` (B, G, T, D) at slots ``input_pos`` (T,); return the whole cache (B, G, S, D)."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, D)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, G, S, D)
+            if mask is not None:  # attend only to the slots the mask covers
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+        # enable_gqa lets SDPA broadcast the G key/value heads over the H query heads without
+        # materialising H copies where the kernel supports it.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        assert config.hidden_dim is not None
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer(
+            "freqs_cis", torch.empty(config.max_seq_len, config.head_dim // 2, dtype=torch.complex64), persistent=False
+        )
+        self.reset_parameters()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> Transformer:
+        return cls(LlamaConfig.from_name(name, **overrides))
+
+    def reset_parameters(self) -> None:
+        """Recompute the RoPE table (this module's only own tensor); children reset their own weights.
+        Lightning calls this after materialising a meta-device model."""
+        with torch.no_grad():
+            freqs = rope_frequencies(
+                self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device=self.freqs_cis.device
+            )
+            self.freqs_cis.copy_(freqs)
+
+    # ------------------------------------------------------------------ KV cache
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate a cache of ``max_seq_len`` slots per layer on the weights' device and dtype."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"KV cache of {max_seq_len} slots exceeds max_seq_len={self.config.max_seq_len}")
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
+                dtype=dtype or weight.dtype, device=weight.device,
+            )
+
+    def reset_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.layers[0].attention.kv_cache is not None if len(self.layers) else False
+
+    # ------------------------------------------------------------------ forward
+    def forward_hidden(self, tokens: Tensor, input_pos: Tensor | None = None, positions: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states (B, T, C), for the LM head or a scalar head.
+
+        tokens: (B, T) ids. input_pos: (T,) cache slots to write (only with a KV cache).
+        positions: RoPE positions, (T,) or (B, T) for per-row offsets (left padding); defaults to
+        ``input_pos`` or ``arange(T)``. mask: bool (B|1, 1, T, S), True where a query may attend a key;
+        ``None`` means plain causal attention over the T tokens (or, with a cache, over slots
+        ``<= input_pos``)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        if self.has_kv_cache and input_pos is not None and mask is None:
+            slots = self.layers[0].attention.kv_cache.k.size(2)
+            mask = torch.arange(slots, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, S)
+            mask = mask[None, None]  # (1, 1, T, S)
+        freqs = self.freqs_cis[positions]  # (T, D/2) or (B, T, D/2)
+        if freqs.dim() == 2:
+            freqs = freqs.unsqueeze(0)  # (1, T, D/2)
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        for layer in self.layers:
+            h = layer(h, freqs, mask, input_pos)
+        return self.norm(h)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, positions: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """Next-token logits (B, T, V); arguments as in :meth:`forward_hidden`."""
+        return self.output(self.forward_hidden(tokens, input_pos, positions, mask))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 N for the matmuls plus the
+        attention scores, 12 * n_layers * dim * seq_len (Kaplan et al. 2020; PaLM appendix B)."""
+        seq_len = seq_len or self.config.max_seq_len
+        n = self.num_parameters() - self.tok_embeddings.weight.numel()
+        return 6 * n + 12 * self.config.n_layers * self.config.dim * seq_len
