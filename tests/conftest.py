@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (or LLAMA2_LIGHTNING_SHARED_DATA); tests that need it skip without it.
+SHARED_DATA = Path(os.environ.get("LLAMA2_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def llama_tokenizer_path(shared_data: Path) -> Path:
+    path = shared_data / "llama2_tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path
