@@ -141,6 +141,16 @@ class Transformer(nn.Module):
             )
             self.freqs_cis.copy_(freqs)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # `model.to(torch.bfloat16)` casts complex buffers too; positions up to 4,096 need the RoPE
+        # angles in full precision, so rebuild the table wherever it has been moved.
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.complex64:
+            self.freqs_cis = torch.empty_like(self.freqs_cis, dtype=torch.complex64)
+            if not self.freqs_cis.is_meta:
+                self.reset_parameters()
+        return self
+
     # ------------------------------------------------------------------ KV cache
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Allocate a cache of ``max_seq_len`` slots per layer on the weights' device and dtype."""

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama2_lightning import LlamaConfig, Transformer
+from llama2_lightning.generation import generate, sample_next
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(LlamaConfig.from_name("tiny")).eval()
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def test_batched_mixed_lengths_equal_each_prompt_alone(model: Transformer) -> None:
+    batch = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], max_new_tokens=12, temperature=0.0)
+        assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_match_full_forward(model: Transformer) -> None:
+    out = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3)
+    for i, prompt in enumerate(PROMPTS):
+        new = out.tokens[i].tolist()
+        seq = torch.tensor([prompt + new])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq), dim=-1)[0, len(prompt) - 1 : -1]  # (N, V)
+        expected = logp.gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+        torch.testing.assert_close(out.logprobs[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_makes_sampling_reproducible(model: Transformer) -> None:
+    a = generate(model, PROMPTS, 10, temperature=1.0, seed=7)
+    b = generate(model, PROMPTS, 10, temperature=1.0, seed=7)
+    c = generate(model, PROMPTS, 10, temperature=1.0, seed=8)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model: Transformer) -> None:
+    greedy = generate(model, PROMPTS, 10, temperature=0.0)
+    assert torch.equal(generate(model, PROMPTS, 10, temperature=1.0, top_k=1, seed=1).tokens, greedy.tokens)
+    assert torch.equal(generate(model, PROMPTS, 10, temperature=1.0, top_p=1e-6, seed=1).tokens, greedy.tokens)
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    # probs ~ .64 .24 .09 .03 .01: top_p=0.8 keeps exactly the first two (0.64 < 0.8 <= 0.88)
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    # the full distribution reaches all five tokens
+    assert set(sample_next(logits, 1.0, generator=gen).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_rows_stop_at_their_own_eos(model: Transformer) -> None:
+    greedy = generate(model, PROMPTS, 10, temperature=0.0)
+    eos = int(greedy.tokens[1, 3])  # make row 1's 4th token the EOS
+    out = generate(model, PROMPTS, 10, temperature=0.0, eos_id=eos, pad_id=-1)
+    for i in range(len(PROMPTS)):
+        row = greedy.tokens[i].tolist()
+        stop = row.index(eos) + 1 if eos in row else len(row)
+        assert out.lengths[i] == stop
+        assert out.tokens[i, :stop].tolist() == row[:stop]
+        assert (out.tokens[i, stop:] == -1).all() and (out.logprobs[i, stop:] == 0).all()
+    assert out.as_lists()[1][-1] == eos
+
+
+def test_generation_restores_mode_and_releases_cache(model: Transformer) -> None:
+    model.train()
+    generate(model, PROMPTS, 3, temperature=0.0)
+    assert model.training and not model.has_kv_cache
+    model.eval()
+
+
+def test_too_long_request_is_a_clear_error(model: Transformer) -> None:
+    with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
+        generate(model, [[1] * 200], max_new_tokens=100)
