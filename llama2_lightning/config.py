@@ -123,6 +123,12 @@ class LlamaConfig:
             raise ValueError(f"Hugging Face config has rope_scaling={config['rope_scaling']!r}; Llama 2 uses none")
         if config.get("tie_word_embeddings", False):
             raise ValueError("Hugging Face config has tie_word_embeddings=true; Llama 2 keeps `output` separate")
+        head_dim = config.get("head_dim")
+        if head_dim is not None and head_dim * config["num_attention_heads"] != config["hidden_size"]:
+            raise ValueError(
+                f"Hugging Face config has head_dim={head_dim} but hidden_size / num_attention_heads = "
+                f"{config['hidden_size'] // config['num_attention_heads']}; Llama 2 ties them"
+            )
         rope_theta = config.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
             rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
