@@ -82,3 +82,21 @@ def test_generation_restores_mode_and_releases_cache(model: Transformer) -> None
 def test_too_long_request_is_a_clear_error(model: Transformer) -> None:
     with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
         generate(model, [[1] * 200], max_new_tokens=100)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_greedy_equals_transformers_generate(tmp_path, n_kv_heads: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    from llama2_lightning.checkpoint import save_hf
+
+    torch.manual_seed(n_kv_heads)
+    ours = Transformer(LlamaConfig.from_name("tiny", n_kv_heads=n_kv_heads)).eval()
+    save_hf(ours.config, ours.state_dict(), tmp_path)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    prompt = torch.randint(3, ours.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompt), theirs(prompt).logits, atol=1e-4, rtol=1e-4)
+        expected = theirs.generate(prompt, do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                   pad_token_id=0, eos_token_id=None)[0, 9:]
+    got = generate(ours, prompt.tolist(), max_new_tokens=24, temperature=0.0)
+    assert got.tokens[0].tolist() == expected.tolist()
