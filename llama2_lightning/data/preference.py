@@ -1,0 +1,539 @@
+"""Preference pairs for the reward models (Touvron et al. 2023, section 3.2.2).
+
+Sources
+    Each source is a JSONL file (plain or gzip, sniffed) in one of two formats:
+
+    * ``"pairs"``: ``{"prompt": str | "messages": [chat messages ending with a user turn],
+      "chosen": str, "rejected": str, "margin_label"?: str | null, "is_safety"?: bool}``.
+      ``margin_label`` is one of ``significantly_better``, ``better``, ``slightly_better``,
+      ``negligibly_better`` (the paper's four ratings); missing or null means no rating (margin 0).
+    * ``"hh"``: Anthropic HH-RLHF, ``{"chosen": dialog, "rejected": dialog}``, two whole dialogs
+      that share everything but the last Assistant turn (``dialogs.hh_pair_to_prompt_and_answers``).
+
+Encoding
+    Each side is ``encode_dialog(prompt + [assistant answer])`` in the Llama 2-Chat format, so it
+    ends with the answer's EOS, where the reward model reads its score. A pair longer than
+    ``max_seq_len`` loses its *oldest* tokens: the same number from the front of both sides (their
+    prompts are identical, so both still see the same context) and the first kept token is replaced
+    by BOS, which every sequence the model was trained on starts with. The last turn (the question
+    and the answer) is never cut; a pair whose last turn alone does not fit is dropped as too long.
+    Pairs whose two sides encode to the same ids (chosen == rejected, e.g. line 722 of the shipped
+    HH helpful file) carry no preference and are dropped and counted.
+
+Held-out split
+    Per source, a seeded permutation of its *distinct* pairs sends ``val_fraction`` of them to
+    validation (identical pairs go to the same side), so a reward model is evaluated on pairs it
+    never trained on. ``val_sources`` adds whole files to validation only; a training pair that also
+    occurs in validation is removed from training. The held-out set is never reweighted.
+
+Mixing (training split only)
+    The first source is the *primary* and is used whole, once. ``weight`` is a source's share of the
+    mixture relative to the primary's weight: a weighted source contributes
+    ``round(N_primary * weight / weight_primary)`` training pairs, a seeded sample without
+    replacement, or whole repeats plus a seeded remainder when it has fewer pairs than that. A source
+    without a weight is used whole, once; weight 0 keeps a source for validation only. Examples:
+
+    * safety RM, 90% safety / 10% helpfulness: ``[{safety, weight: 0.9}, {helpful, weight: 0.1}]``;
+    * helpfulness RM, all helpfulness data plus an equal amount split between safety and open data:
+      ``[{helpful, weight: 0.5}, {safety, weight: 0.25}, {open, weight: 0.25}]``;
+    * plain concatenation: no weights.
+
+    The mixture is drawn once, at setup, from ``seed`` (the paper trains reward models one epoch).
+
+Batches
+    ``B`` pairs become one ``(2B, T)`` batch so the reward model scores both sides in one forward:
+    rows ``0..B-1`` are the chosen sides, rows ``B..2B-1`` the rejected ones in the same order,
+    right-padded with the tokenizer's pad id. See :func:`collate_preference_pairs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from llama2_lightning.chat import Message, encode_dialog
+from llama2_lightning.dialogs import hh_pair_to_prompt_and_answers, read_jsonl
+from llama2_lightning.rlhf.ranking import MARGINS
+from llama2_lightning.tokenizer import Tokenizer
+
+# The paper's four preference ratings (section 3.2.1), the keys of the margin tables.
+MARGIN_LABELS: tuple[str, ...] = tuple(MARGINS["small"])
+SOURCE_FORMATS: tuple[str, ...] = ("pairs", "hh")
+_SOURCE_KEYS = ("path", "format", "weight", "is_safety", "name", "limit")
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One validated entry of ``sources`` / ``val_sources``."""
+
+    path: Path
+    format: Literal["pairs", "hh"] = "pairs"
+    weight: float | None = None
+    is_safety: bool | None = None
+    name: str = ""
+    limit: int | None = None  # read only the first `limit` records (tiny runs, tests)
+
+
+def parse_sources(sources: Sequence[Mapping[str, Any]], key: str = "sources") -> list[SourceSpec]:
+    """Validate a config's list of source dicts; errors name the entry, the key and the allowed values."""
+    if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence):
+        raise ValueError(f"{key} must be a list of dicts like {{path: ..., format: pairs}}, got {sources!r}")
+    specs: list[SourceSpec] = []
+    for i, entry in enumerate(sources):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a dict with a 'path', got {entry!r}")
+        unknown = sorted(set(entry) - set(_SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(_SOURCE_KEYS)}")
+        if not isinstance(entry.get("path"), (str, Path)) or not str(entry["path"]):
+            raise ValueError(f"{where}.path is required: a JSONL file (plain or .gz)")
+        fmt = entry.get("format", "pairs")
+        if fmt not in SOURCE_FORMATS:
+            raise ValueError(f"{where}.format is {fmt!r}; allowed: {', '.join(SOURCE_FORMATS)}")
+        weight = entry.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+            raise ValueError(f"{where}.weight must be a number >= 0 or null (use the source whole), got {weight!r}")
+        is_safety = entry.get("is_safety")
+        if is_safety is not None and not isinstance(is_safety, bool):
+            raise ValueError(f"{where}.is_safety must be true, false or null, got {is_safety!r}")
+        limit = entry.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{where}.limit must be an integer >= 1 or null, got {limit!r}")
+        path = Path(entry["path"])
+        name = entry.get("name") or path.name.split(".")[0]
+        specs.append(SourceSpec(path, fmt, None if weight is None else float(weight), is_safety, str(name), limit))
+    return specs
+
+
+@dataclass
+class RawPair:
+    """A pair as read from a file, before tokenisation."""
+
+    line: int
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    margin_label: str | None = None
+    is_safety: bool | None = None
+
+
+def _pairs_record(record: dict[str, Any], line: int) -> RawPair:
+    """One ``"pairs"`` record; ``ValueError`` says what is wrong (the caller adds file:line)."""
+    has_prompt, has_messages = "prompt" in record, "messages" in record
+    if has_prompt == has_messages:
+        raise ValueError("expected exactly one of 'prompt' (a string) or 'messages' (a list of chat messages)")
+    if has_prompt:
+        if not isinstance(record["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, got {type(record['prompt']).__name__}")
+        prompt: list[Message] = [{"role": "user", "content": record["prompt"]}]
+    else:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content} messages")
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "user":
+            raise ValueError("'messages' must end with a user turn: the prompt that 'chosen' and 'rejected' answer")
+        prompt = messages
+    for side in ("chosen", "rejected"):
+        if not isinstance(record.get(side), str):
+            raise ValueError(f"'{side}' must be a string (the assistant's answer), got {record.get(side)!r}")
+    label = record.get("margin_label")
+    if label is not None and label not in MARGIN_LABELS:
+        raise ValueError(f"'margin_label' is {label!r}; allowed: {', '.join(MARGIN_LABELS)} or null/missing")
+    is_safety = record.get("is_safety")
+    if is_safety is not None and not isinstance(is_safety, bool):
+        raise ValueError(f"'is_safety' must be true, false or null, got {is_safety!r}")
+    return RawPair(line, prompt, record["chosen"], record["rejected"], label, is_safety)
+
+
+def _hh_record(record: dict[str, Any], line: int) -> RawPair:
+    for side in ("chosen", "rejected"):
+        if not isinstance(record.get(side), str):
+            raise ValueError(f"HH record needs a string '{side}' dialog, got {record.get(side)!r}")
+    prompt, chosen, rejected = hh_pair_to_prompt_and_answers(record["chosen"], record["rejected"])
+    return RawPair(line, prompt, chosen, rejected)
+
+
+_RECORD_PARSERS = {"pairs": _pairs_record, "hh": _hh_record}
+
+
+def _limited(reader: Iterator[tuple[int, dict[str, Any]]], limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    for n, item in enumerate(reader):
+        if limit is not None and n >= limit:
+            return
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class PreferencePair:
+    """A tokenised pair: both sides end with the answer's EOS and share everything before the answer."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin_label: str | None
+    is_safety: bool
+    source: int
+    line: int
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(self.chosen), tuple(self.rejected)
+
+
+def encode_side(tokenizer: Tokenizer, prompt: Sequence[Message], answer: str) -> list[int]:
+    ids, _ = encode_dialog(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    return ids
+
+
+def truncate_pair(chosen: list[int], rejected: list[int], max_seq_len: int, bos_id: int
+                  ) -> tuple[list[int], list[int]] | None:
+    """Fit both sides into ``max_seq_len`` by dropping their oldest tokens (module docstring), or
+    None when the last turn of the longer side does not fit on its own."""
+    cut = max(len(chosen), len(rejected)) - max_seq_len
+    if cut <= 0:
+        return chosen, rejected
+    out = []
+    for ids in (chosen, rejected):
+        # Every chat turn starts with BOS and text never encodes to it, so the last BOS opens the
+        # last turn; the prompt before it is the same on both sides.
+        last_turn = len(ids) - 1 - ids[::-1].index(bos_id)
+        if cut > last_turn:
+            return None
+        kept = ids[cut:]
+        if kept[0] != bos_id:
+            kept = [bos_id, *kept[1:]]  # cut < last_turn here, so the replaced token is older context
+        out.append(kept)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class PreferenceDataset(Dataset):
+    def __init__(self, pairs: Sequence[PreferencePair]) -> None:
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs[index]
+        return {
+            "chosen": torch.tensor(p.chosen, dtype=torch.long),  # (Tc,)
+            "rejected": torch.tensor(p.rejected, dtype=torch.long),  # (Tr,)
+            "margin_label": p.margin_label,
+            "is_safety": p.is_safety,
+            "source": p.source,
+        }
+
+
+def collate_preference_pairs(samples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
+    """``B`` pairs -> one right-padded batch of ``2B`` sequences, chosen rows first.
+
+    Returns ``input_ids`` (2B, T) long and ``attention_mask`` (2B, T) bool (T = longest side in the
+    batch), ``lengths`` (2B,) long, ``margin_label`` list of B labels or None, ``is_safety`` (B,)
+    bool, ``source`` (B,) long (index into the data module's ``source_names``). Scores ``s`` of the
+    batch split as ``s[:B]`` chosen, ``s[B:]`` rejected.
+    """
+    seqs = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # (2B,)
+    T = int(lengths.max()) if len(seqs) else 0
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (2B, T)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = s
+    attention_mask = torch.arange(T)[None, :] < lengths[:, None]  # (2B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "lengths": lengths,
+        "margin_label": [s["margin_label"] for s in samples],
+        "is_safety": torch.tensor([bool(s["is_safety"]) for s in samples], dtype=torch.bool),  # (B,)
+        "source": torch.tensor([int(s["source"]) for s in samples], dtype=torch.long),  # (B,)
+    }
+
+
+def mixture_counts(train_sizes: Sequence[int], weights: Sequence[float | None]) -> list[int]:
+    """Training pairs drawn from each source (module docstring, "Mixing"). Source 0 is the primary."""
+    w0 = 1.0 if weights[0] is None else weights[0]
+    if w0 <= 0:
+        raise ValueError("sources[0].weight must be > 0: the primary source is used whole and sets the scale")
+    counts = [train_sizes[0]]
+    for n, w in zip(train_sizes[1:], weights[1:]):
+        counts.append(n if w is None else int(round(train_sizes[0] * w / w0)))
+    return counts
+
+
+def sample_indices(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` indices into ``n`` items: without replacement when ``count <= n``, else whole repeats
+    plus a sample of the remainder, so every item appears ``count // n`` or one more times."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    repeats, rest = divmod(count, n)
+    parts = [np.arange(n)] * repeats + [np.sort(rng.choice(n, size=rest, replace=False))]
+    return np.concatenate(parts).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+@dataclass
+class SourceStats:
+    name: str
+    path: str
+    format: str
+    split: Literal["train", "val"]
+    weight: float | None = None
+    records: int = 0  # JSON objects read
+    bad_lines: int = 0  # skipped with on_bad_line="skip" (unreadable lines and invalid records)
+    bad_line_numbers: list[int] = field(default_factory=list)
+    identical: int = 0  # chosen and rejected encode to the same ids: dropped
+    identical_lines: list[int] = field(default_factory=list)
+    too_long: int = 0  # last turn longer than max_seq_len: dropped
+    truncated: int = 0  # oldest context dropped to fit
+    pairs: int = 0  # kept after the above
+    train: int = 0  # distinct-split training pairs (before mixing)
+    val: int = 0
+    train_sampled: int = 0  # after mixing: what one training epoch sees
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Reward-model preference pairs (module docstring for formats, truncation, split and mixing).
+
+    Args:
+        sources: training sources, ``[{path, format: pairs|hh, weight, is_safety, name, limit}]``;
+            the first is the primary. ``is_safety`` is the default for records that carry none.
+        tokenizer_path: SentencePiece ``tokenizer.model``.
+        max_seq_len: longest sequence (either side of a pair), in tokens.
+        batch_size: pairs per batch (the model sees ``2 * batch_size`` sequences).
+        val_fraction: share of each training source's distinct pairs held out for validation.
+        val_sources: extra validation-only sources (same keys; ``weight`` is ignored).
+        seed: fixes the held-out split, the mixture and the shuffling order.
+        num_workers: dataloader worker processes.
+        on_bad_line: ``"error"`` raises naming file and line; ``"skip"`` drops and counts the line.
+    """
+
+    def __init__(
+        self,
+        sources: list[dict[str, Any]],
+        tokenizer_path: str = "data/tokenizer.model",
+        max_seq_len: int = 512,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        val_sources: list[dict[str, Any]] | None = None,
+        seed: int = 42,
+        num_workers: int = 0,
+        on_bad_line: Literal["error", "skip"] = "error",
+    ) -> None:
+        super().__init__()
+        self.sources = parse_sources(sources, "sources")
+        if not self.sources:
+            raise ValueError("sources is empty: give at least one preference file")
+        self.val_source_specs = parse_sources(val_sources or [], "val_sources")
+        for name, value, low in (("max_seq_len", max_seq_len, 8), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction == 0.0 and not self.val_source_specs:
+            raise ValueError("no held-out data: set val_fraction > 0 or give val_sources")
+        if on_bad_line not in ("error", "skip"):
+            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+        self.save_hyperparameters()
+        self.tokenizer_path = tokenizer_path
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.on_bad_line = on_bad_line
+
+        self._tokenizer: Tokenizer | None = None
+        self.train_dataset: PreferenceDataset | None = None
+        self.val_dataset: PreferenceDataset | None = None
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names for the batch's ``source`` ids: training sources, then validation-only ones."""
+        return [s.name for s in (*self.sources, *self.val_source_specs)]
+
+    @property
+    def heldout_dataset(self) -> PreferenceDataset:
+        """The pairs no training batch contains (the validation/test set)."""
+        self.setup()
+        assert self.val_dataset is not None
+        return self.val_dataset
+
+    # ------------------------------------------------------------------------------------ reading
+    def _read_source(self, spec: SourceSpec, index: int, stats: SourceStats) -> list[PreferencePair]:
+        reader = read_jsonl(spec.path, self.on_bad_line)
+        parse = _RECORD_PARSERS[spec.format]
+        tok = self.tokenizer
+        pairs: list[PreferencePair] = []
+
+        for line, record in _limited(reader, spec.limit):
+            stats.records += 1
+            try:
+                raw = parse(record, line)
+                chosen = encode_side(tok, raw.prompt, raw.chosen)
+                rejected = encode_side(tok, raw.prompt, raw.rejected)
+            except ValueError as err:  # a malformed record or dialog: the same policy as a bad line
+                if self.on_bad_line == "error":
+                    raise ValueError(f"{spec.path}:{line}: {err}") from err
+                stats.bad_lines += 1
+                stats.bad_line_numbers.append(line)
+                continue
+            if chosen == rejected:
+                stats.identical += 1
+                stats.identical_lines.append(line)
+                continue
+            fitted = truncate_pair(chosen, rejected, self.max_seq_len, tok.bos_id)
+            if fitted is None:
+                stats.too_long += 1
+                continue
+            stats.truncated += max(len(chosen), len(rejected)) > self.max_seq_len
+            is_safety = raw.is_safety if raw.is_safety is not None else bool(spec.is_safety)
+            pairs.append(PreferencePair(fitted[0], fitted[1], raw.margin_label, is_safety, index, line))
+        stats.bad_lines += reader.skipped
+        stats.bad_line_numbers = sorted(stats.bad_line_numbers + reader.skipped_lines)
+        stats.pairs = len(pairs)
+        return pairs
+
+    def _split(self, pairs: list[PreferencePair], index: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+        """Seeded held-out split over distinct pairs (duplicates land on the same side)."""
+        keys = list(dict.fromkeys(p.key for p in pairs))  # distinct, in file order
+        n_val = 0
+        if self.val_fraction > 0 and len(keys) >= 2:
+            n_val = min(max(1, round(len(keys) * self.val_fraction)), len(keys) - 1)
+        rng = np.random.default_rng([self.seed, index, 0])
+        val_keys = {keys[i] for i in rng.permutation(len(keys))[:n_val]}
+        train = [p for p in pairs if p.key not in val_keys]
+        val = [p for p in pairs if p.key in val_keys]
+        return train, val
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        all_stats: list[SourceStats] = []
+        trains: list[list[PreferencePair]] = []
+        val: list[PreferencePair] = []
+        for i, spec in enumerate(self.sources):
+            st = SourceStats(spec.name, str(spec.path), spec.format, "train", spec.weight)
+            train_i, val_i = self._split(self._read_source(spec, i, st), i)
+            trains.append(train_i)
+            val += val_i
+            all_stats.append(st)
+        for j, spec in enumerate(self.val_source_specs, start=len(self.sources)):
+            st = SourceStats(spec.name, str(spec.path), spec.format, "val")
+            val_j = self._read_source(spec, j, st)
+            val += val_j
+            all_stats.append(st)
+
+        # A pair both held out and in a training file (a duplicate across sources, or a val_sources
+        # file overlapping a training one) must not be trained on.
+        val_keys = {p.key for p in val}
+        overlap = 0
+        for i, train_i in enumerate(trains):
+            kept = [p for p in train_i if p.key not in val_keys]
+            overlap += len(train_i) - len(kept)
+            trains[i] = kept
+        for p in val:
+            all_stats[p.source].val += 1
+        for i, train_i in enumerate(trains):
+            all_stats[i].train = len(train_i)
+
+        sizes = [len(t) for t in trains]
+        if sizes[0] == 0:
+            raise ValueError(
+                f"the primary source {self.sources[0].path} has no training pairs left "
+                f"({all_stats[0].records} records read, see the counts in this data module's stats)"
+            )
+        counts = mixture_counts(sizes, [s.weight for s in self.sources])
+        mixed: list[PreferencePair] = []
+        for i, (train_i, count) in enumerate(zip(trains, counts)):
+            if count > 0 and not train_i:
+                raise ValueError(
+                    f"sources[{i}] ({self.sources[i].path}) has weight {self.sources[i].weight} but no training pairs"
+                )
+            picked = sample_indices(len(train_i), count, np.random.default_rng([self.seed, i, 1])) if count else []
+            mixed += [train_i[k] for k in picked]
+            all_stats[i].train_sampled = len(picked)
+
+        if not val:
+            raise ValueError("no held-out pairs: the sources are too small for val_fraction; give val_sources")
+        self.train_dataset = PreferenceDataset(mixed)
+        self.val_dataset = PreferenceDataset(val)
+        self.stats = {
+            "sources": [dataclasses.asdict(s) for s in all_stats],
+            "bad_lines": sum(s.bad_lines for s in all_stats),
+            "identical": sum(s.identical for s in all_stats),
+            "too_long": sum(s.too_long for s in all_stats),
+            "truncated": sum(s.truncated for s in all_stats),
+            "train_overlapping_val": overlap,
+            "train_pairs": len(mixed),
+            "val_pairs": len(val),
+        }
+        self._log_stats(all_stats)
+
+    def _log_stats(self, all_stats: list[SourceStats]) -> None:
+        lines = [f"preference data (max_seq_len={self.max_seq_len}, seed={self.seed}):"]
+        for s in all_stats:
+            lines.append(
+                f"  {s.name} [{s.split}, {s.format}] {s.records} records: {s.bad_lines} bad lines, "
+                f"{s.identical} identical pairs, {s.too_long} too long, {s.truncated} truncated -> "
+                f"{s.train} train (x{s.train_sampled} after mixing, weight {s.weight}), {s.val} held out"
+            )
+        st = self.stats
+        lines.append(
+            f"  total: {st['train_pairs']} training pairs per epoch, {st['val_pairs']} held out, "
+            f"{st['train_overlapping_val']} training duplicates of held-out pairs removed"
+        )
+        rank_zero_info("\n".join(lines))
+
+    # ----------------------------------------------------------------------------------- loaders
+    def _collate(self) -> functools.partial:
+        return functools.partial(collate_preference_pairs, pad_id=self.tokenizer.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.train_dataset is not None
+        # Shuffle from our seed, independent of the global RNG; under DDP Lightning swaps in a
+        # DistributedSampler (seeded from the global seed) that shards it.
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            collate_fn=self._collate(), generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.val_dataset is not None
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=self._collate())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
