@@ -419,13 +419,11 @@ def load_lightning(path: str | os.PathLike[str], prefix: str = "model.") -> tupl
     Entries under other prefixes (``ref_model.``, ``value_head.``...) belong to other submodules."""
     path = Path(path)
     if path.is_dir():
-        raise NotImplementedError(
-            f"{path} is a directory: sharded Lightning checkpoints (FSDP/DeepSpeed) are not supported yet; "
-            "consolidate it into a single .ckpt file first"
-        )
-    if not path.is_file():
+        ckpt = _consolidate_sharded(path)
+    elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    ckpt = _safe_torch_load(path)
+    else:
+        ckpt = _safe_torch_load(path)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: expected a Lightning checkpoint dict, got {type(ckpt).__name__}")
     for key in ("state_dict", "llama_config"):
@@ -445,6 +443,28 @@ def load_lightning(path: str | os.PathLike[str], prefix: str = "model.") -> tupl
         raise ValueError(f"{path}: no weights under prefix {prefix!r}; the state_dict has prefixes {prefixes}")
     check_state_dict(expected_shapes(config), state_dict, f"{path} (prefix {prefix!r})")
     return config, state_dict
+
+
+def _consolidate_sharded(path: Path) -> dict[str, object]:
+    """Gather a sharded checkpoint directory written by Lightning's ``ModelParallelStrategy``
+    (``torch.distributed.checkpoint`` shards of ``state_dict`` + ``meta.pt`` with the rest) into one
+    dict in this process, reading only the model weights (not the optimizer shards)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        raise ValueError(
+            f"{path} is a directory but not a sharded Lightning checkpoint (expected .metadata and meta.pt in it)"
+        )
+    ckpt = dict(_require_mapping(_safe_torch_load(path / "meta.pt"), path / "meta.pt"))
+    loaded = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
+    ckpt["state_dict"] = loaded["state_dict"]
+    return ckpt
+
+
+def _require_mapping(obj: object, path: Path) -> Mapping:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

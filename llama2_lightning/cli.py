@@ -13,18 +13,30 @@ from collections.abc import Callable
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_cli(argv: list[str]) -> None:
+def lightning_cli(argv: list[str], run: bool = True):
+    """LightningCLI over any of our modules and datamodules; ``run=False`` only instantiates
+    (``argv`` then starts at the options, without the subcommand)."""
+    import os
+
+    # wandb never reaches the network unless the user asks for it with WANDB_MODE=online.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    # Configs write `${trainer.default_root_dir}` from their own root; omegaconf+ resolves it after
+    # command-line overrides, so `--trainer.default_root_dir X` moves checkpoints and logs together.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+
+    return LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_mode="omegaconf",
+        parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} resolved after command-line overrides
         save_config_kwargs={"overwrite": True},
         args=argv,
+        run=run,
     )
 
 

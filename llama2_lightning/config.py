@@ -56,6 +56,12 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def architecture(self) -> tuple:
+        """The fields that decide the weights' shapes and the forward's numbers (``multiple_of`` and
+        ``ffn_dim_multiplier`` only matter through ``hidden_dim``; ``max_seq_len`` only sizes tables)."""
+        return (self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.hidden_dim,
+                self.norm_eps, self.rope_theta)
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from llama2_lightning.config import LlamaConfig
@@ -127,6 +128,9 @@ class Transformer(nn.Module):
             "freqs_cis", torch.empty(config.max_seq_len, config.head_dim // 2, dtype=torch.complex64), persistent=False
         )
         self.reset_parameters()
+        # Recompute each block in backward instead of storing its activations (set by the training
+        # modules; plain torch.utils.checkpoint keeps Meta's parameter names intact).
+        self.activation_checkpointing = False
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> Transformer:
@@ -194,7 +198,10 @@ class Transformer(nn.Module):
             freqs = freqs.unsqueeze(0)  # (1, T, D/2)
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
-            h = layer(h, freqs, mask, input_pos)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs, mask, input_pos, use_reentrant=False)
+            else:
+                h = layer(h, freqs, mask, input_pos)
         return self.norm(h)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, positions: Tensor | None = None,

@@ -301,7 +301,7 @@ def test_lightning_ckpt_without_config_or_sharded_dir(tmp_path: Path) -> None:
         load_lightning(tmp_path / "bad.ckpt")
     sharded = tmp_path / "epoch=1.ckpt"
     sharded.mkdir()
-    with pytest.raises(NotImplementedError, match=r"epoch=1\.ckpt is a directory"):
+    with pytest.raises(ValueError, match=r"epoch=1\.ckpt is a directory but not a sharded Lightning checkpoint"):
         load_checkpoint(sharded)
 
 

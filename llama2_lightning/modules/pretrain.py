@@ -1,0 +1,182 @@
+"""Pretraining: next-token cross-entropy on packed token windows (paper section 2.2)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from llama2_lightning.config import LlamaConfig
+from llama2_lightning.distributed import shard_transformer
+from llama2_lightning.model import Transformer
+from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
+
+
+def unpack_lm_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) from a ``{"input_ids", "labels"|"targets"}`` dict or an ``(x, y)`` pair, each (B, T)."""
+    if isinstance(batch, dict):
+        return batch["input_ids"], batch["labels"] if "labels" in batch else batch["targets"]
+    x, y = batch
+    return x, y
+
+
+def build_config(model: str | dict[str, Any], model_overrides: dict[str, Any] | None = None) -> LlamaConfig:
+    """A preset name (``"tiny"``, ``"llama2-7b"``...) or a full ``LlamaConfig`` dict, plus overrides."""
+    overrides = dict(model_overrides or {})
+    if isinstance(model, str):
+        return LlamaConfig.from_name(model, **overrides)
+    return LlamaConfig.from_dict({**model, **overrides})
+
+
+class PretrainModule(L.LightningModule):
+    """Train a Llama 2 model from scratch (or continue from ``init_from``).
+
+    Args:
+        model: preset name or full ``LlamaConfig`` fields.
+        model_overrides: fields to change on the preset (e.g. ``vocab_size`` to match a tokenizer).
+        lr: peak learning rate (paper: 3e-4 for 7B/13B, 1.5e-4 for 34B/70B).
+        warmup_steps: linear warm-up (paper: 2,000).
+        min_lr_ratio: final LR as a fraction of the peak (paper: 0.1).
+        decay_steps: length of the cosine; defaults to ``trainer.max_steps``.
+        param_dtype / reduce_dtype: FSDP2 mixed precision when sharded (paper: bf16 compute).
+        activation_checkpointing: recompute each block in backward to save activation memory.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] = "small",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-5,
+        weight_decay: float = 0.1,
+        decay_norm_and_embeddings: bool = False,
+        warmup_steps: int = 2000,
+        min_lr_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        optimizer: OptimizerName = "adamw",
+        activation_checkpointing: bool = False,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = build_config(model, model_overrides)
+        self.model: Transformer | None = None
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        # Under ModelParallelStrategy this runs on the meta device; the strategy materialises the
+        # shards afterwards with each module's reset_parameters.
+        model = Transformer(self.config)
+        model.activation_checkpointing = self.hparams.activation_checkpointing
+        if self.hparams.init_from:
+            from llama2_lightning.checkpoint import load_checkpoint
+
+            config, state_dict = load_checkpoint(self.hparams.init_from)
+            if config.architecture() != self.config.architecture():
+                raise ValueError(f"init_from={self.hparams.init_from}: its config {config} differs from {self.config}")
+            model.load_state_dict(state_dict, strict=True, assign=True)
+            if model.freqs_cis.is_meta:
+                # The RoPE table is not in the state dict; a meta tensor left behind would make the
+                # strategy re-materialise (and re-initialise) the whole model.
+                model.freqs_cis = torch.empty_like(model.freqs_cis, device=state_dict["output.weight"].device)
+                model.reset_parameters()
+        if self.device_mesh is not None:
+            shard_transformer(model, self.device_mesh, self.hparams.param_dtype, self.hparams.reduce_dtype)
+        self.model = model
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Read by Lightning's ThroughputMonitor for MFU."""
+        return getattr(self, "_flops_per_batch", None)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        assert self.model is not None, "configure_model() has not run"
+        return self.model(tokens)
+
+    def _loss(self, batch: Any) -> tuple[Tensor, int]:
+        x, y = unpack_lm_batch(batch)
+        logits = self(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
+            self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        return loss, int((y != -100).sum())
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, n_tokens = self._loss(batch)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/tokens_per_sec", n_tokens / (now - self._last_step_time), prog_bar=True,
+                     on_step=True, on_epoch=False)
+        self._last_step_time = now
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", torch.exp(loss.detach()), on_step=True, on_epoch=False)
+        bpt = self._bytes_per_token()
+        if bpt:
+            self.log("train/bpb", loss.detach() / math.log(2) / bpt, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, n_tokens = self._loss(batch)
+        self.val_loss.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+        bpt = self._bytes_per_token()
+        if bpt:
+            self.log("val/bpb", loss / math.log(2) / bpt, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test/loss", loss)
+        bpt = self._bytes_per_token()
+        if bpt:
+            self.log("test/bpb", loss / math.log(2) / bpt)
+
+    def _bytes_per_token(self) -> float | None:
+        """Bits per byte makes runs with different tokenizers comparable; the datamodule knows the ratio."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        value = getattr(dm, "bytes_per_token", None)
+        return float(value) if value else None
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.model is not None
+        hp = self.hparams
+        optimizer = build_optimizer(
+            param_groups(self.model, hp.weight_decay, hp.decay_norm_and_embeddings),
+            hp.optimizer, hp.lr, tuple(hp.betas), hp.eps,
+        )
+        total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        if total is None:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain dict so `convert --from lightning` can rebuild the model with weights_only loading.
+        checkpoint["llama_config"] = self.config.to_dict()
