@@ -41,9 +41,10 @@ class GenerationSamples(L.Callback):
         model = getattr(pl_module, "model", None)
         if tokenizer is None or model is None:
             return []
-        max_new = min(self.max_new_tokens, model.config.max_seq_len - max(
-            len(tokenizer.encode(p, bos=True)) for p in self.prompts))
-        out = generate(model, [tokenizer.encode(p, bos=True) for p in self.prompts], max_new,
+        # Packed pretraining streams separate documents by EOS alone, so a fresh document follows EOS.
+        prompts = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in self.prompts]
+        max_new = min(self.max_new_tokens, model.config.max_seq_len - max(len(p) for p in prompts))
+        out = generate(model, prompts, max_new,
                        temperature=self.temperature, top_p=self.top_p, eos_id=tokenizer.eos_id,
                        pad_id=tokenizer.pad_id, seed=self.seed)
         texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in out.as_lists()]
