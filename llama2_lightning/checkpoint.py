@@ -488,6 +488,25 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+def read_config(path: str | os.PathLike[str], fmt: str | None = None) -> LlamaConfig:
+    """The model config stored with a checkpoint, without reading the weights where the format allows."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "hf":
+        return LlamaConfig.from_hf_config(path)
+    if fmt == "meta":
+        params = json.loads((path / "params.json").read_text())
+        if params.get("vocab_size", -1) > 0:
+            return LlamaConfig.from_meta_params(path / "params.json")
+        return load_meta(path)[0]  # the vocabulary size is only in the embedding's shape
+    if fmt == "lightning":
+        meta = _require_mapping(_safe_torch_load(path / "meta.pt" if path.is_dir() else path), path)
+        if not isinstance(meta.get("llama_config"), Mapping):
+            raise ValueError(f"{path}: Lightning checkpoint has no 'llama_config' dict")
+        return LlamaConfig.from_dict(dict(meta["llama_config"]))
+    raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'meta', 'hf' or 'lightning'")
+
+
 def load_checkpoint(path: str | os.PathLike[str], fmt: str | None = None) -> tuple[LlamaConfig, StateDict]:
     fmt = fmt or detect_format(path)
     if fmt == "meta":

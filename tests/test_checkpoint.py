@@ -345,3 +345,16 @@ def test_pickled_code_is_refused(tmp_path: Path, fmt: str) -> None:
     # The payload is live: a trusting load would have run it.
     torch.load(path, weights_only=False)
     assert marker.read_text() == "executed"
+
+
+def test_read_config_for_every_format(tmp_path: Path) -> None:
+    from llama2_lightning.checkpoint import read_config
+
+    cfg = LlamaConfig.from_name("tiny")
+    sd = Transformer(cfg).state_dict()
+    save_hf(cfg, sd, tmp_path / "hf")
+    save_meta(cfg, sd, tmp_path / "meta")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "llama_config": cfg.to_dict()},
+               tmp_path / "x.ckpt")
+    for src in ("hf", "meta", "x.ckpt"):
+        assert read_config(tmp_path / src).architecture() == cfg.architecture()

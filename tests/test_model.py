@@ -115,3 +115,20 @@ def test_state_dict_uses_meta_names() -> None:
         expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
         expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
     assert keys == expected
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(tokens).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+    assert set(model.state_dict()) == set(Transformer.from_name("tiny").state_dict())  # names unchanged

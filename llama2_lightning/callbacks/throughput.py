@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from llama2_lightning.modules.pretrain import unpack_lm_batch
+from llama2_lightning.modules.common import unpack_lm_batch
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0,

@@ -12,26 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import shard_transformer
 from llama2_lightning.model import Transformer
-from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
-
-
-def unpack_lm_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) from a ``{"input_ids", "labels"|"targets"}`` dict or an ``(x, y)`` pair, each (B, T)."""
-    if isinstance(batch, dict):
-        return batch["input_ids"], batch["labels"] if "labels" in batch else batch["targets"]
-    x, y = batch
-    return x, y
-
-
-def build_config(model: str | dict[str, Any], model_overrides: dict[str, Any] | None = None) -> LlamaConfig:
-    """A preset name (``"tiny"``, ``"llama2-7b"``...) or a full ``LlamaConfig`` dict, plus overrides."""
-    overrides = dict(model_overrides or {})
-    if isinstance(model, str):
-        return LlamaConfig.from_name(model, **overrides)
-    return LlamaConfig.from_dict({**model, **overrides})
+from llama2_lightning.modules.common import build_config, cosine_adamw, load_initial_weights, unpack_lm_batch
+from llama2_lightning.optim import OptimizerName
 
 
 class PretrainModule(L.LightningModule):
@@ -83,17 +67,7 @@ class PretrainModule(L.LightningModule):
         model = Transformer(self.config)
         model.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.init_from:
-            from llama2_lightning.checkpoint import load_checkpoint
-
-            config, state_dict = load_checkpoint(self.hparams.init_from)
-            if config.architecture() != self.config.architecture():
-                raise ValueError(f"init_from={self.hparams.init_from}: its config {config} differs from {self.config}")
-            model.load_state_dict(state_dict, strict=True, assign=True)
-            if model.freqs_cis.is_meta:
-                # The RoPE table is not in the state dict; a meta tensor left behind would make the
-                # strategy re-materialise (and re-initialise) the whole model.
-                model.freqs_cis = torch.empty_like(model.freqs_cis, device=state_dict["output.weight"].device)
-                model.reset_parameters()
+            load_initial_weights(model, self.hparams.init_from)
         if self.device_mesh is not None:
             shard_transformer(model, self.device_mesh, self.hparams.param_dtype, self.hparams.reduce_dtype)
         self.model = model
@@ -164,17 +138,11 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.model is not None
         hp = self.hparams
-        optimizer = build_optimizer(
-            param_groups(self.model, hp.weight_decay, hp.decay_norm_and_embeddings),
-            hp.optimizer, hp.lr, tuple(hp.betas), hp.eps,
+        return cosine_adamw(
+            self, self.model, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, decay_steps=hp.decay_steps,
+            optimizer=hp.optimizer, decay_norm_and_embeddings=hp.decay_norm_and_embeddings,
         )
-        total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
-        if total is None:
-            total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
