@@ -49,13 +49,21 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
              seed: int | None = None) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` after each prompt; a row stops at its first ``eos_id``.
 
     The model's KV cache is allocated for the call and released afterwards."""
+    from llama2_lightning.distributed import is_sharded
+
+    # FSDP2's all-gathered parameters cannot be used under inference_mode; no_grad is enough there.
+    with torch.inference_mode(not is_sharded(model)), torch.no_grad():
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed)
+
+
+def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float, eos_id: int | None, pad_id: int, seed: int | None) -> GenerationOutput:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if temperature < 0:

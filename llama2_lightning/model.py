@@ -52,6 +52,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``/``v`` (B, G, T, D) at slots ``input_pos`` (T,); return the whole cache (B, G, S, D)."""
+        if self.k.dtype != k.dtype:  # e.g. FSDP2 computes in bf16 over fp32 master weights
+            self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v

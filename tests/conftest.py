@@ -4,7 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that busy-wait fight every other process on a 2-core machine (5x slower tests
+# under load); passive waiting costs nothing when the machine is idle. Must precede importing torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (or LLAMA2_LIGHTNING_SHARED_DATA); tests that need it skip without it.

@@ -108,6 +108,10 @@ class PretrainModule(L.LightningModule):
         loss, n_tokens = self._loss(batch)
         self.val_loss.update(loss, weight=n_tokens)
 
+    def on_validation_epoch_start(self) -> None:
+        # A validate() before fit() leaves inference-mode state in the metric; start clean.
+        self.val_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()

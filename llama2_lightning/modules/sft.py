@@ -1,0 +1,207 @@
+"""Supervised fine-tuning: next-token loss on answer tokens only (paper section 3.1).
+
+Batches come from :class:`llama2_lightning.data.sft.SFTDataModule`: ``input_ids`` and ``labels``
+(B, T), the label -100 everywhere except on answer tokens and their EOS, and for packed rows
+``position_ids`` and ``segment_ids`` so that each dialog restarts its RoPE positions and attends only
+to itself. The loss averages over the answer tokens of the batch, so a packed row and the same
+dialogs padded one per row give the same number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from llama2_lightning.data.sft import IGNORE_INDEX, packed_attention_mask
+from llama2_lightning.distributed import shard_transformer
+from llama2_lightning.model import Transformer
+from llama2_lightning.modules.common import build_config, cosine_adamw, load_initial_weights
+from llama2_lightning.optim import OptimizerName
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean NLL over answer tokens, number of answer tokens, number of them predicted by argmax).
+
+    ``logits`` (B, T, V); ``labels`` (B, T) with ``IGNORE_INDEX`` off the answers. A position whose
+    label is ``IGNORE_INDEX`` adds nothing to the loss or its gradient, whatever its logits. The sum is
+    divided by the count clamped to 1, so a batch without answer tokens gives 0 rather than NaN.
+    """
+    mask = labels != IGNORE_INDEX  # (B, T)
+    n = mask.sum()
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum()
+    return nll / n.clamp(min=1), n, correct
+
+
+class SFTModule(L.LightningModule):
+    """Fine-tune a pretrained Llama 2 on dialogs, the loss on answer tokens only (Llama 2-Chat SFT).
+
+    Args:
+        init_from: the pretrained weights: a Lightning ``.ckpt`` written by this package, or a Hugging
+            Face or Meta directory. ``None`` starts from random weights (only sensible for tests).
+        model: preset name or ``LlamaConfig`` dict; ``None`` takes the config stored with ``init_from``.
+            A given preset is checked against the checkpoint's shapes when the weights load.
+        model_overrides: fields to change on that config (e.g. ``max_seq_len``).
+        lr: peak learning rate (paper: 2e-5).
+        weight_decay: paper: 0.1.
+        warmup_steps: linear warm-up. The paper states none for SFT; the default 10 steps is a short
+            ramp for the first updates (a paper-sized run, 27,540 dialogs x 2 epochs at batch 64, is at
+            most ~860 optimiser steps, fewer when packed).
+        min_lr_ratio: final LR as a fraction of the peak. The paper says "cosine" without a floor; 0.1
+            is the floor of its pretraining schedule.
+        decay_steps: length of the cosine; defaults to ``trainer.max_steps``, else the run's length
+            (``max_epochs`` x optimiser steps per epoch).
+        param_dtype / reduce_dtype: FSDP2 mixed precision when sharded (bf16 compute on GPUs).
+        activation_checkpointing: recompute each block in backward to save activation memory.
+    """
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        model: str | dict[str, Any] | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        lr: float = 2e-5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-5,
+        weight_decay: float = 0.1,
+        decay_norm_and_embeddings: bool = False,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        optimizer: OptimizerName = "adamw",
+        activation_checkpointing: bool = False,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if model is None and init_from is None:
+            raise ValueError("SFTModule: set init_from (the pretrained checkpoint) or model (a preset, random weights)")
+        try:
+            self.config = build_config(model, model_overrides, init_from)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"SFTModule: init_from={init_from!r} not found ({err}); train the base model first (e.g. "
+                "`llama2-lightning fit --config configs/pretrain/tiny.yaml`) or pass --model.init_args.init_from PATH"
+            ) from None
+        if init_from is None:
+            rank_zero_warn("SFTModule: init_from is None, so fine-tuning starts from random weights")
+        self.model: Transformer | None = None
+        self.val_loss = MeanMetric()
+        self.val_acc = MeanMetric()
+
+    # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        # Fail before any weights are built if the data cannot fit the model.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        seq = getattr(dm, "max_seq_len", None)
+        if seq is not None and seq > self.config.max_seq_len:
+            raise ValueError(
+                f"data max_seq_len={seq} exceeds the model's max_seq_len={self.config.max_seq_len}: lower "
+                "--data.init_args.max_seq_len or raise --model.init_args.model_overrides.max_seq_len"
+            )
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab} pieces but the model's vocab_size is {self.config.vocab_size}: "
+                "use the tokenizer the base model was pretrained with"
+            )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        # Under ModelParallelStrategy this runs on the meta device; loading assigns the checkpoint's
+        # tensors, and the strategy materialises whatever is left with reset_parameters.
+        model = Transformer(self.config)
+        model.activation_checkpointing = self.hparams.activation_checkpointing
+        if self.hparams.init_from:
+            load_initial_weights(model, self.hparams.init_from)
+        if self.device_mesh is not None:
+            shard_transformer(model, self.device_mesh, self.hparams.param_dtype, self.hparams.reduce_dtype)
+        self.model = model
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Read by Lightning's ThroughputMonitor for MFU."""
+        return getattr(self, "_flops_per_batch", None)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        assert self.model is not None, "configure_model() has not run"
+        return self.model(tokens, positions=positions, mask=mask)
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch["input_ids"], batch["labels"]  # (B, T)
+        positions = mask = None
+        if "segment_ids" in batch:
+            # Packed rows: every dialog restarts at position 0 and sees only its own tokens, so it is
+            # scored exactly as it would be alone in a padded row.
+            positions, mask = batch["position_ids"], packed_attention_mask(batch["segment_ids"])  # (B, T), (B, 1, T, T)
+        logits = self(x, positions=positions, mask=mask)  # (B, T, V)
+        if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
+            self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        return answer_loss(logits, y)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, n, correct = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/acc", correct / n.clamp(min=1), on_step=True, on_epoch=False)
+        self.log("train/answer_tokens", n.float(), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, n, correct = self._loss(batch)
+        # Weighted by answer tokens: the epoch value is the mean over every held-out answer token,
+        # however the tokens fall into batches (or packed rows).
+        self.val_loss.update(loss, weight=n)
+        self.val_acc.update(correct / n.clamp(min=1), weight=n)
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states made in this loop's grad mode: after `trainer.validate` (inference mode) the old
+        # ones are inference tensors, which fit's validation (no_grad) cannot update in place.
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, split: str) -> None:
+        # compute() already reduces across ranks; sync_dist then only averages equal numbers (and keeps
+        # Lightning from warning about epoch-level values that look unsynced).
+        loss, acc = self.val_loss.compute(), self.val_acc.compute()
+        self.val_loss.reset()
+        self.val_acc.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/acc", acc, sync_dist=True)
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.model is not None
+        hp = self.hparams
+        return cosine_adamw(
+            self, self.model, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, decay_steps=hp.decay_steps,
+            optimizer=hp.optimizer, decay_norm_and_embeddings=hp.decay_norm_and_embeddings,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain dict so `convert --from lightning`, `chat` and a later stage's init_from can rebuild the
+        # model with weights_only loading.
+        checkpoint["llama_config"] = self.config.to_dict()
