@@ -419,3 +419,25 @@ def test_split_is_deterministic_by_seed_and_keeps_whole_dialogs(tmp_path: Path) 
     torch.manual_seed(456)
     first_b = next(iter(b.train_dataloader()))["input_ids"]
     assert torch.equal(first_a, first_b)
+
+
+def test_train_turns_limit_the_loss_to_flagged_answers(tmp_path) -> None:
+    """Ghost Attention files (``llama2-lightning gatt``) flag only the last answer for training."""
+    import json
+
+    from llama2_lightning.data.sft import SFTSource, read_source
+    from llama2_lightning.tokenizer import Tokenizer
+
+    tok = Tokenizer(Path(__file__).resolve().parents[1] / "data" / "tokenizer.model")
+    messages = [{"role": "system", "content": "Speak like a pirate."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Ahoy"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Farewell"}]
+    path = tmp_path / "gatt.jsonl"
+    path.write_text(json.dumps({"messages": messages, "train_turns": [False, False, False, False, True]}) + "\n"
+                    + json.dumps({"messages": messages, "train_turns": "yes"}) + "\n")
+    with pytest.raises(ValueError, match=r"gatt\.jsonl:2: 'train_turns' must be a list of booleans"):
+        read_source(SFTSource(str(path)), tokenizer=tok)
+    dialogs, skipped = read_source(SFTSource(str(path)), on_bad_line="skip", tokenizer=tok)
+    assert skipped == 1
+    trained = [i for i, m in zip(dialogs[0].ids, dialogs[0].mask) if m]
+    assert tok.decode(trained).strip() == "Farewell"

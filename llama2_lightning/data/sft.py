@@ -100,6 +100,8 @@ class Dialog:
     # Filled when read with a tokenizer: encode_dialog's ids and answer mask.
     ids: list[int] | None = None
     mask: list[bool] | None = None
+    # Per-message flags: only flagged assistant turns train (Ghost Attention: the last answer only).
+    train_turns: list[bool] | None = None
 
 
 def _record_dialogs(record: dict[str, Any], fmt: str) -> list[list[Message]]:
@@ -138,9 +140,15 @@ def read_source(
     for lineno, record in reader:
         try:
             found = [Dialog(m, f"{source.path}:{lineno}") for m in _record_dialogs(record, source.format)]
+            if source.format == "messages" and "train_turns" in record:
+                turns = record["train_turns"]
+                if not (isinstance(turns, list) and all(isinstance(t, bool) for t in turns)):
+                    raise ValueError("'train_turns' must be a list of booleans, one per message")
+                found[0].train_turns = turns
             if tokenizer is not None:
                 for d in found:
-                    d.ids, d.mask = encode_dialog(tokenizer, d.messages, add_generation_prompt=False)
+                    d.ids, d.mask = encode_dialog(tokenizer, d.messages, add_generation_prompt=False,
+                                                  train_turns=d.train_turns)
         except ValueError as err:
             if on_bad_line == "error":
                 raise ValueError(f"{source.path}:{lineno}: {err} (format {source.format!r})") from err
