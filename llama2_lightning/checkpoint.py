@@ -629,5 +629,65 @@ def cli_convert(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+# ---------------------------------------------------------------------------------------------- reward models
+def save_hf_sequence_classification(config: LlamaConfig, trunk_state_dict: Mapping[str, Tensor], score_weight: Tensor,
+                                    dst_dir: str | os.PathLike[str], pad_token_id: int,
+                                    max_shard_bytes: int = DEFAULT_HF_SHARD_BYTES) -> None:
+    """Write a reward model (trunk + scalar head) as Hugging Face's ``LlamaForSequenceClassification``
+    with one label: the trunk under ``model.*`` (HF names and rotary row order, as in :func:`save_hf`)
+    and the head as ``score.weight`` (1, dim); no ``lm_head``.
+
+    ``pad_token_id`` goes into ``config.json`` and must be an id the real tokens never use: HF reads
+    each row's score at the last token that is not ``pad_token_id`` (so batches must be right-padded
+    with it, or unpadded). Llama 2 has no pad piece; this package pads with ``<unk>`` (id 0).
+    """
+    expected = {k: v for k, v in expected_shapes(config).items() if k != "output.weight"}
+    check_state_dict(expected, trunk_state_dict, "reward-model trunk to save")
+    if tuple(score_weight.shape) != (1, config.dim):
+        raise ValueError(f"score weight: shape {_fmt_shape(score_weight.shape)} vs expected (1, {config.dim})")
+    if not 0 <= pad_token_id < config.vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {config.vocab_size})")
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors: StateDict = {}
+    for name, tensor in trunk_state_dict.items():
+        heads = _rotary_heads(name, config)
+        tensor = _rotary_meta_to_hf(tensor, heads) if heads is not None else tensor
+        # safetensors refuses views and tensors sharing memory; give each its own storage.
+        tensors[_ours_to_hf_key(name)] = tensor.clone(memory_format=torch.contiguous_format)
+    tensors["score.weight"] = score_weight.detach().clone(memory_format=torch.contiguous_format)
+
+    shards: list[StateDict] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and shard_bytes + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += tensor.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(dst / file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file_name))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    hf_config = config.to_hf_config()
+    hf_config.update({
+        "architectures": ["LlamaForSequenceClassification"],
+        "num_labels": 1,  # one scalar reward; HF derives id2label from it
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": int(pad_token_id),
+        "torch_dtype": _dtype_name(tensors),
+    })
+    (dst / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     sys.exit(cli_convert())

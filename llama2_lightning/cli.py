@@ -98,10 +98,40 @@ def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
 
         return cli_tokenizer(argv)
 
+    def chat(argv: list[str]) -> int:
+        from llama2_lightning.gatt import cli_chat
+
+        return cli_chat(argv)
+
+    def gatt(argv: list[str]) -> int:
+        from llama2_lightning.gatt import cli_gatt
+
+        return cli_gatt(argv)
+
+    def score_pairs(argv: list[str]) -> int:
+        from llama2_lightning.scoring import cli_score_pairs
+
+        return cli_score_pairs(argv)
+
+    def score(argv: list[str]) -> int:
+        from llama2_lightning.scoring import cli_score
+
+        return cli_score(argv)
+
+    def export_rm(argv: list[str]) -> int:
+        from llama2_lightning.scoring import cli_export_rm
+
+        return cli_export_rm(argv)
+
     return {
         "convert": (convert, "convert checkpoints between Meta, Hugging Face and Lightning formats"),
         "generate": (cli_generate, "sample from a checkpoint"),
         "tokenizer": (tokenizer, "train a SentencePiece tokenizer"),
+        "chat": (chat, "talk to a checkpoint in the Llama 2-Chat format (stdin/stdout)"),
+        "gatt": (gatt, "sample Ghost Attention dialogs for SFT"),
+        "score-pairs": (score_pairs, "reward-model accuracy on preference files (JSON summary last)"),
+        "score": (score, "reward-model scores of answers to a prompt"),
+        "export-rm": (export_rm, "reward-model checkpoint to Hugging Face LlamaForSequenceClassification"),
     }
 
 
