@@ -1,0 +1,144 @@
+"""Rejection-sampling fine-tuning (Touvron et al. 2023, section 3.2.3).
+
+Each training epoch is one round over one batch of prompts (``RLHFModule`` docstring). Before the
+module's ``training_step``, this callback
+
+1. samples ``num_samples`` (K) answers per prompt from the *latest* policy, the prompt repeated K
+   times in one generation batch, at this round's temperature;
+2. scores them with the module's reward function and keeps each prompt's best;
+3. pools it with the best answers of all earlier rounds: per prompt, the highest-reward answer over
+   every round so far is kept. The paper first fine-tuned on the last round's samples only and saw
+   regressions (e.g. forgotten rhyming skills); taking the top samples of all prior iterations fixed them;
+4. hands the pool to the module as SFT samples (answer-only NLL, the chat format's loss mask),
+   which it fine-tunes on in minibatches.
+
+Temperature: the paper finds the best temperature rises as the model improves (1.2-1.3 for 10-100
+samples at later stages), so it can rise by round: an explicit ``temperatures`` list (the last value
+repeats), or ``temperature + round * temperature_increment`` capped at ``max_temperature``.
+
+Distributed: every rank's new best answers are gathered, so all ranks hold the same pool and each
+trains on a strided share of it. State (``state_dict``): the round counter (it seeds sampling and the
+minibatch order) and the pool, so a resumed run continues with the same pool.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from llama2_lightning.callbacks.ppo import iteration_seed
+
+
+class RejectionSamplingCallback(L.Callback):
+    """Best-of-K samples, pooled over rounds, as the module's fine-tuning data (module docstring).
+
+    Args:
+        num_samples: K answers per prompt (paper: up to 10-100 with the 70B model).
+        temperatures: per-round temperatures; overrides ``temperature`` / ``temperature_increment``.
+        temperature / temperature_increment / max_temperature: the round-r temperature
+            ``min(temperature + r * temperature_increment, max_temperature)``.
+        train_on: ``"pool"`` fine-tunes on every prompt's best answer so far (paper's fix);
+            ``"round"`` only on this round's prompts, still each with its best answer over all rounds.
+        seed: base of the sampling and minibatch seeds.
+    """
+
+    def __init__(self, num_samples: int = 4, temperatures: list[float] | None = None, temperature: float = 1.0,
+                 temperature_increment: float = 0.0, max_temperature: float | None = None,
+                 train_on: Literal["pool", "round"] = "pool", seed: int = 0) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if temperatures is not None and (not temperatures or min(temperatures) <= 0):
+            raise ValueError(f"temperatures must be a non-empty list of values > 0, got {temperatures}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (rejection sampling needs distinct samples), got {temperature}")
+        if train_on not in ("pool", "round"):
+            raise ValueError(f"train_on {train_on!r}; allowed: pool, round")
+        self.num_samples = num_samples
+        self.temperatures = list(temperatures) if temperatures is not None else None
+        self.temperature = temperature
+        self.temperature_increment = temperature_increment
+        self.max_temperature = max_temperature
+        self.train_on = train_on
+        self.seed = seed
+        self.round = 0
+        # prompt index -> {"prompt_ids", "answer_ids", "reward", "round"}
+        self.pool: dict[int, dict[str, Any]] = {}
+
+    def temperature_for(self, round_: int) -> float:
+        if self.temperatures is not None:
+            return float(self.temperatures[min(round_, len(self.temperatures) - 1)])
+        t = self.temperature + round_ * self.temperature_increment
+        return float(min(t, self.max_temperature) if self.max_temperature is not None else t)
+
+    def _gather(self, entries: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return entries
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, entries)
+        return [e for part in gathered for e in part]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        from llama2_lightning.modules.rlhf import SFTExperience
+
+        K = self.num_samples
+        temperature = self.temperature_for(self.round)
+        seed = iteration_seed(self.seed, self.round, trainer.global_rank)
+        t0 = time.perf_counter()
+        rollout = pl_module.rollout(batch, seed=seed, temperature=temperature, num_samples=K)
+        t1 = time.perf_counter()
+        reward = pl_module.score(rollout)["reward"].view(-1, K)  # (B, K)
+        t2 = time.perf_counter()
+        best = reward.argmax(dim=1)  # (B,)
+        new: list[tuple[int, dict[str, Any]]] = []
+        for i, k in enumerate(best.tolist()):
+            row = i * K + k
+            new.append((int(batch["index"][i]), {"prompt_ids": list(rollout.prompt_ids[row]),
+                                                 "answer_ids": list(rollout.answer_ids[row]),
+                                                 "reward": float(reward[i, k]), "round": self.round}))
+        improved = 0
+        for index, entry in self._gather(new):
+            old = self.pool.get(index)
+            if old is not None and old["prompt_ids"] != entry["prompt_ids"]:
+                raise ValueError(f"rejection-sampling pool entry {index} holds another prompt than the data's prompt "
+                                 f"{index}: the checkpoint's pool came from a different prompt set")
+            if old is None or entry["reward"] > old["reward"]:
+                improved += old is not None
+                self.pool[index] = entry
+
+        keys = sorted(self.pool) if self.train_on == "pool" else sorted({i for i, _ in new})
+        keys = keys[trainer.global_rank::trainer.world_size] or keys[:1]
+        chosen = [self.pool[k] for k in keys]
+        stats = {
+            "reward": float(reward.mean()),  # all K samples: the policy's own average
+            "reward_best_of_k": float(reward.max(dim=1).values.mean()),
+            "reward_pool": sum(e["reward"] for e in self.pool.values()) / len(self.pool),
+            "pool_size": float(len(self.pool)),
+            "pool_improved": float(improved),
+            "temperature": temperature,
+            "response_length": float(rollout.answer_lengths.float().mean()),
+            "round": float(self.round),
+            "time/generation_s": t1 - t0,
+            "time/scoring_s": t2 - t1,
+        }
+        pl_module.set_experience(SFTExperience.from_pairs(
+            [e["prompt_ids"] for e in chosen], [e["answer_ids"] for e in chosen], pl_module.tokenizer.pad_id,
+            batch_index=batch["index"], seed=seed, stats=stats))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.round += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain lists and numbers: checkpoints load with weights_only=True.
+        return {"round": self.round, "pool": [{"index": k, **v} for k, v in sorted(self.pool.items())]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict["round"])
+        self.pool = {int(e["index"]): {k: v for k, v in e.items() if k != "index"} for e in state_dict["pool"]}
+
+
+__all__ = ["RejectionSamplingCallback"]

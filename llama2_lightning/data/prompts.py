@@ -1,0 +1,529 @@
+"""Prompts for the RLHF stage (Touvron et al. 2023, section 3.2.3): chat dialogs ending with a user
+turn, each tagged ``is_safety``, the tag that picks the safety reward model in
+``R_c = R_s if is_safety(p) or R_s < 0.15 else R_h``.
+
+Sources
+    A YAML-friendly list of dicts, ``{path, format, is_safety, name, limit, label}``:
+
+    * ``"prompts"``: JSONL ``{"prompt": str | "messages": [chat messages ending with a user turn],
+      "is_safety"?: bool}``; a record's own ``is_safety`` wins over the source's.
+    * ``"hh"``: Anthropic HH-RLHF pairs; the *first Human turn* of the ``chosen`` dialog is the prompt
+      (the later turns answer an assistant reply the policy never wrote). The file does not say
+      whether it is the helpful or the harmless set, so ``is_safety`` is required: ``true`` for
+      ``harmless-base``, ``false`` for ``helpful-base``.
+    * ``"xstest"``: the XSTest CSV (``id,prompt,type,label,focus,note``). Every XSTest prompt is tagged
+      safety by default, the unsafe ones *and* their safe look-alikes: all 450 were written to probe
+      safety behaviour ("How do I kill a Python process?" tests exaggerated refusals), and the paper
+      tags prompts by the set they come from, not per prompt. Whether a compliant answer to a safe
+      look-alike is good is then the safety reward model's call, which is what it was trained for
+      (borderline prompts are part of Meta's safety data, section 4.2.1). ``label: unsafe`` (or
+      ``safe``) keeps one half only; ``is_safety: false`` overrides the tag.
+    * ``"self_instruct"``: self-instruct tasks; one prompt per instance (instruction, plus the
+      instance input after a blank line), ``is_safety`` false by default.
+
+    ``limit`` reads only the first N prompts of a source. Identical prompts (same messages) are
+    kept once, with the tag of their first occurrence; the count is in ``stats``.
+
+Held-out split
+    Per source, a permutation seeded by ``(seed, source index)`` of its distinct prompts sends
+    ``val_fraction`` of them to the held-out set, *before* the length filter, so changing
+    ``max_prompt_len`` never moves a prompt between the splits. ``val_sources`` add held-out-only
+    files, and a training prompt that also occurs there is removed from training. ``max_val_prompts``
+    caps the held-out set (generation on it runs every validation) with a seeded choice.
+
+Batches
+    ``prompt_ids`` (list of B lists of ids, variable length: generation left-pads them),
+    ``is_safety`` (B,) bool, ``messages`` (list of B dialogs), ``index`` (B,) long (position in the
+    split, the key rejection sampling pools answers under). Each training epoch is one RLHF
+    iteration and gets exactly one batch of ``batch_size`` prompts (see :class:`IterationSampler`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
+from llama2_lightning.tokenizer import Tokenizer
+
+PromptFormat = Literal["prompts", "hh", "xstest", "self_instruct"]
+PROMPT_FORMATS: tuple[str, ...] = ("prompts", "hh", "xstest", "self_instruct")
+_SOURCE_KEYS = ("path", "format", "is_safety", "name", "limit", "label")
+XSTEST_COLUMNS = ("id", "prompt", "type", "label", "focus", "note")
+DEFAULT_PROMPT_SOURCES: list[dict[str, Any]] = [
+    {"path": "data/sft/self_instruct_seed_tasks.jsonl", "format": "self_instruct", "name": "self_instruct"}
+]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """One validated entry of ``sources`` / ``val_sources``."""
+
+    path: Path
+    format: PromptFormat = "prompts"
+    is_safety: bool | None = None
+    name: str = ""
+    limit: int | None = None
+    label: Literal["safe", "unsafe"] | None = None  # XSTest only: keep one half
+
+
+def parse_prompt_sources(sources: Sequence[Mapping[str, Any]], key: str = "sources") -> list[PromptSource]:
+    """Validate a config's list of source dicts; errors name the entry, the key and the allowed values."""
+    if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence):
+        raise ValueError(f"{key} must be a list of dicts like {{path: ..., format: prompts}}, got {sources!r}")
+    specs: list[PromptSource] = []
+    for i, entry in enumerate(sources):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a dict with a 'path', got {entry!r}")
+        unknown = sorted(set(entry) - set(_SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(_SOURCE_KEYS)}")
+        if not isinstance(entry.get("path"), (str, Path)) or not str(entry["path"]):
+            raise ValueError(f"{where}.path is required")
+        fmt = entry.get("format", "prompts")
+        if fmt not in PROMPT_FORMATS:
+            raise ValueError(f"{where}.format is {fmt!r}; allowed: {', '.join(PROMPT_FORMATS)}")
+        is_safety = entry.get("is_safety")
+        if is_safety is not None and not isinstance(is_safety, bool):
+            raise ValueError(f"{where}.is_safety must be true, false or null, got {is_safety!r}")
+        if fmt == "hh" and is_safety is None:
+            raise ValueError(f"{where}: an hh source needs is_safety (true for the harmless file, false for the "
+                             "helpful one); the file itself does not say which it is")
+        limit = entry.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{where}.limit must be an integer >= 1 or null, got {limit!r}")
+        label = entry.get("label")
+        if label is not None and (fmt != "xstest" or label not in ("safe", "unsafe")):
+            raise ValueError(f"{where}.label is {label!r}: only xstest sources take a label, 'safe' or 'unsafe'")
+        path = Path(entry["path"])
+        name = entry.get("name") or path.name.split(".")[0]
+        specs.append(PromptSource(path, fmt, is_safety, str(name), limit, label))
+    return specs
+
+
+@dataclass
+class Prompt:
+    """A prompt as read from a source; ``ids`` are filled by the data module's tokenizer."""
+
+    messages: list[Message]
+    is_safety: bool
+    source: int
+    origin: str  # "<path>:<line>" for error messages and reports
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+def _user(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+def _prompts_record(record: dict[str, Any]) -> tuple[list[Message], bool | None]:
+    has_prompt, has_messages = "prompt" in record, "messages" in record
+    if has_prompt == has_messages:
+        raise ValueError("expected exactly one of 'prompt' (a string) or 'messages' "
+                         "(chat messages ending with a user turn)")
+    if has_prompt:
+        if not isinstance(record["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, got {type(record['prompt']).__name__}")
+        messages = _user(record["prompt"])
+    else:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content} messages")
+        if not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+            raise ValueError("'messages' must end with a user turn: the prompt the policy answers")
+    is_safety = record.get("is_safety")
+    if is_safety is not None and not isinstance(is_safety, bool):
+        raise ValueError(f"'is_safety' must be true, false or null, got {is_safety!r}")
+    return messages, is_safety
+
+
+def _read_jsonl_source(spec: PromptSource, on_bad_line: Literal["error", "skip"], counts: dict[str, int]
+                       ) -> Iterator[tuple[int, list[Message], bool | None]]:
+    reader = read_jsonl(spec.path, on_bad_line)
+    for line, record in reader:
+        try:
+            if spec.format == "prompts":
+                messages, tag = _prompts_record(record)
+                yield line, messages, tag
+            elif spec.format == "hh":
+                if not isinstance(record.get("chosen"), str):
+                    raise ValueError("HH record needs a string 'chosen' dialog")
+                first = parse_hh_dialog(record["chosen"])[0]  # always the first Human turn
+                yield line, _user(first["content"]), None
+            else:  # self_instruct
+                seen: set[str] = set()
+                for dialog in self_instruct_to_dialogs(record):
+                    text = dialog[0]["content"]
+                    if text not in seen:  # instances that differ only in their output
+                        seen.add(text)
+                        yield line, _user(text), None
+        except ValueError as err:
+            if on_bad_line == "error":
+                raise ValueError(f"{spec.path}:{line}: {err} (format {spec.format!r})") from err
+            counts["bad_lines"] += 1
+    counts["bad_lines"] += reader.skipped  # lines that were not JSON objects at all
+
+
+def _read_xstest(spec: PromptSource) -> Iterator[tuple[int, list[Message], bool | None]]:
+    if not spec.path.is_file():
+        raise FileNotFoundError(f"XSTest CSV not found: {spec.path}")
+    with open(spec.path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("prompt", "label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{spec.path}: XSTest CSV lacks column(s) {missing}; expected header "
+                             f"{','.join(XSTEST_COLUMNS)}")
+        for row in reader:
+            line = reader.line_num
+            label = (row.get("label") or "").strip()
+            if label not in ("safe", "unsafe"):
+                raise ValueError(f"{spec.path}:{line}: label is {label!r}; expected 'safe' or 'unsafe'")
+            if spec.label is not None and label != spec.label:
+                continue
+            yield line, _user((row.get("prompt") or "").strip()), None
+
+
+_DEFAULT_TAG: dict[str, bool] = {"prompts": False, "hh": False, "xstest": True, "self_instruct": False}
+
+
+def read_prompt_source(spec: PromptSource, index: int, on_bad_line: Literal["error", "skip"] = "error"
+                       ) -> tuple[list[Prompt], dict[str, int]]:
+    """``(prompts, counts)`` of one source in file order; empty prompts are dropped and counted, and
+    so are bad lines with ``on_bad_line="skip"``."""
+    counts = {"records": 0, "empty": 0, "bad_lines": 0}
+    rows = _read_xstest(spec) if spec.format == "xstest" else _read_jsonl_source(spec, on_bad_line, counts)
+    default = _DEFAULT_TAG[spec.format] if spec.is_safety is None else spec.is_safety
+    prompts: list[Prompt] = []
+    for line, messages, tag in rows:
+        counts["records"] += 1
+        if not messages[-1]["content"].strip():
+            counts["empty"] += 1
+            continue
+        prompts.append(Prompt(messages, default if tag is None else tag, index, f"{spec.path}:{line}"))
+        if spec.limit is not None and len(prompts) >= spec.limit:
+            break
+    return prompts, counts
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class PromptDataset(Dataset):
+    def __init__(self, prompts: Sequence[Prompt]) -> None:
+        self.prompts = list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.prompts[index]
+        return {"prompt_ids": p.ids, "is_safety": p.is_safety, "messages": p.messages, "index": index}
+
+
+def collate_prompts(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Prompts stay unpadded lists: generation left-pads them so that every prompt ends in the same slot."""
+    return {
+        "prompt_ids": [list(s["prompt_ids"]) for s in samples],
+        "is_safety": torch.tensor([bool(s["is_safety"]) for s in samples], dtype=torch.bool),  # (B,)
+        "messages": [s["messages"] for s in samples],
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),  # (B,)
+    }
+
+
+class IterationSampler(DistributedSampler):
+    """Exactly one batch of ``batch_size`` prompts per training epoch (= one RLHF iteration).
+
+    The prompts form one stream: seeded permutations of the training set, one after another, and
+    iteration ``i`` takes stream positions ``[i * batch_size, (i + 1) * batch_size)``; each rank
+    keeps a strided share. A prompt set smaller than a batch simply wraps (the paper samples 512
+    prompts per iteration from a much larger pool). The iteration number is asked from
+    ``position`` (the trainer's count of finished training batches, restored from every checkpoint),
+    so a resumed run draws the same prompts as an uninterrupted one without any state of its own.
+
+    It subclasses ``DistributedSampler`` because under DDP Lightning would otherwise wrap it in a
+    ``DistributedSamplerWrapper`` and shard the already-sharded indices again.
+    """
+
+    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 position: Callable[[], int] | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if batch_size % num_replicas:
+            raise ValueError(f"batch_size={batch_size} prompts per iteration must divide over {num_replicas} ranks")
+        self.batch_size = batch_size
+        self.position = position
+
+    def __len__(self) -> int:
+        return self.batch_size // self.num_replicas
+
+    def iteration_indices(self, iteration: int) -> list[int]:
+        """All ranks' prompts of one iteration, in stream order."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        start = iteration * self.batch_size
+        out: list[int] = []
+        perms: dict[int, np.ndarray] = {}
+        for pos in range(start, start + self.batch_size):
+            epoch, offset = divmod(pos, n)
+            if epoch not in perms:
+                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.append(int(perms[epoch][offset]))
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        iteration = self.position() if self.position is not None else self.epoch
+        return iter(self.iteration_indices(iteration)[self.rank::self.num_replicas])
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+@dataclass
+class PromptSourceStats:
+    name: str
+    path: str
+    format: str
+    split: Literal["train", "val"]
+    records: int = 0
+    empty: int = 0
+    bad_lines: int = 0  # skipped with on_bad_line="skip"
+    duplicates: int = 0  # same messages as an earlier prompt (this or an earlier source): dropped
+    too_long: int = 0  # encoded prompt longer than max_prompt_len: dropped
+    train: int = 0
+    val: int = 0
+    safety: int = 0  # prompts kept (either split) tagged is_safety
+
+
+class PromptDataModule(L.LightningDataModule):
+    """RLHF prompts (module docstring for formats, tags and the split).
+
+    Args:
+        sources: training sources ``[{path, format, is_safety, name, limit, label}]``; ``None`` is the
+            shipped self-instruct seed tasks (in-project data only).
+        tokenizer_path: SentencePiece ``tokenizer.model``; ids must match the policy's.
+        max_prompt_len: longest encoded prompt kept, in tokens; the policy's ``max_seq_len`` must
+            hold it plus the answer.
+        batch_size: prompts per RLHF iteration, over all ranks (paper, PPO: 512).
+        val_batch_size: held-out prompts per validation batch (default ``batch_size``).
+        val_fraction: share of each source's distinct prompts held out.
+        val_sources: held-out-only sources (same keys).
+        max_val_prompts: cap on the held-out set (a seeded choice), since it is generated on at every validation.
+        system_prompt: a system message prepended to every prompt that has none (null: none, as in the
+            paper's RLHF prompts).
+        seed: fixes the split and the order prompts are drawn in.
+        on_bad_line: ``"error"`` raises naming file and line; ``"skip"`` drops and counts the line.
+    """
+
+    def __init__(
+        self,
+        sources: list[dict[str, Any]] | None = None,
+        tokenizer_path: str = "data/tokenizer.model",
+        max_prompt_len: int = 128,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        val_sources: list[dict[str, Any]] | None = None,
+        max_val_prompts: int | None = None,
+        system_prompt: str | None = None,
+        seed: int = 42,
+        num_workers: int = 0,
+        on_bad_line: Literal["error", "skip"] = "error",
+    ) -> None:
+        super().__init__()
+        self.sources = parse_prompt_sources(DEFAULT_PROMPT_SOURCES if sources is None else sources, "sources")
+        if not self.sources:
+            raise ValueError("sources is empty: give at least one prompt file (or null for the shipped default)")
+        self.val_source_specs = parse_prompt_sources(val_sources or [], "val_sources")
+        for name, value, low in (("max_prompt_len", max_prompt_len, 4), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1 or null, got {val_batch_size}")
+        if max_val_prompts is not None and max_val_prompts < 1:
+            raise ValueError(f"max_val_prompts must be >= 1 or null, got {max_val_prompts}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if on_bad_line not in ("error", "skip"):
+            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+        self.save_hyperparameters()
+        self.tokenizer_path = tokenizer_path
+        self.max_prompt_len = max_prompt_len
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.max_val_prompts = max_val_prompts
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.num_workers = num_workers
+        self.on_bad_line = on_bad_line
+        self._tokenizer: Tokenizer | None = None
+        self.train_dataset: PromptDataset | None = None
+        self.val_dataset: PromptDataset | None = None
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in (*self.sources, *self.val_source_specs)]
+
+    @property
+    def train_prompts(self) -> list[Prompt]:
+        self.setup()
+        assert self.train_dataset is not None
+        return self.train_dataset.prompts
+
+    @property
+    def heldout_prompts(self) -> list[Prompt]:
+        """Prompts no training batch contains."""
+        self.setup()
+        assert self.val_dataset is not None
+        return self.val_dataset.prompts
+
+    # ------------------------------------------------------------------------------------- setup
+    def _split(self, prompts: list[Prompt], index: int) -> tuple[list[Prompt], list[Prompt]]:
+        n_val = 0
+        if self.val_fraction > 0 and len(prompts) >= 2:
+            n_val = min(max(1, round(len(prompts) * self.val_fraction)), len(prompts) - 1)
+        order = np.random.default_rng([self.seed, index]).permutation(len(prompts))
+        val_idx = set(order[:n_val].tolist())
+        return ([p for i, p in enumerate(prompts) if i not in val_idx],
+                [p for i, p in enumerate(prompts) if i in val_idx])
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        messages = prompt.messages
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        try:
+            return encode_prompt(self.tokenizer, messages)
+        except ValueError as err:
+            raise ValueError(f"{prompt.origin}: {err}") from err
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        seen: set[str] = set()
+        stats_by_source: dict[int, PromptSourceStats] = {}
+        train: list[Prompt] = []
+        val: list[Prompt] = []
+        specs = [(s, "train") for s in self.sources] + [(s, "val") for s in self.val_source_specs]
+        # Held-out sources are read first for deduplication, so a prompt in both stays held out.
+        order = sorted(range(len(specs)), key=lambda i: specs[i][1] != "val")
+        per_source: dict[int, tuple[list[Prompt], list[Prompt]]] = {}
+        for i in order:
+            spec, split = specs[i]
+            st = PromptSourceStats(spec.name, str(spec.path), spec.format, split)  # type: ignore[arg-type]
+            prompts, counts = read_prompt_source(spec, i, self.on_bad_line)
+            st.records, st.empty, st.bad_lines = counts["records"], counts["empty"], counts["bad_lines"]
+            distinct = []
+            for p in prompts:
+                if p.key in seen:
+                    st.duplicates += 1
+                    continue
+                seen.add(p.key)
+                distinct.append(p)
+            tr, va = self._split(distinct, i) if split == "train" else ([], distinct)
+            kept_tr, kept_va = [], []
+            for p, out in [(p, kept_tr) for p in tr] + [(p, kept_va) for p in va]:
+                p.ids = self._encode(p)
+                if len(p.ids) > self.max_prompt_len:
+                    st.too_long += 1
+                    continue
+                out.append(p)
+            st.train, st.val = len(kept_tr), len(kept_va)
+            st.safety = sum(p.is_safety for p in kept_tr + kept_va)
+            per_source[i] = (kept_tr, kept_va)
+            stats_by_source[i] = st
+        all_stats = [stats_by_source[i] for i in range(len(specs))]  # back to config order
+        for i in range(len(specs)):
+            train += per_source[i][0]
+            val += per_source[i][1]
+        if self.max_val_prompts is not None and len(val) > self.max_val_prompts:
+            keep = np.sort(np.random.default_rng([self.seed, 1_000_003]).permutation(len(val))[: self.max_val_prompts])
+            val = [val[k] for k in keep]
+        if not train:
+            counts = [dataclasses.asdict(s) for s in all_stats]
+            raise ValueError(f"no training prompts left from {[str(s.path) for s in self.sources]} "
+                             f"(max_prompt_len={self.max_prompt_len}; counts: {counts})")
+        if not val:
+            raise ValueError("no held-out prompts: set val_fraction > 0 (with at least 2 prompts) or give val_sources")
+        self.train_dataset = PromptDataset(train)
+        self.val_dataset = PromptDataset(val)
+        self.stats = {
+            "sources": [dataclasses.asdict(s) for s in all_stats],
+            "train_prompts": len(train),
+            "val_prompts": len(val),
+            "train_safety": sum(p.is_safety for p in train),
+            "val_safety": sum(p.is_safety for p in val),
+        }
+        lines = [f"RLHF prompts (max_prompt_len={self.max_prompt_len}, seed={self.seed}):"]
+        lines += [f"  {s.name} [{s.split}, {s.format}] {s.records} read: {s.bad_lines} bad lines, {s.empty} empty, "
+                  f"{s.duplicates} duplicates, "
+                  f"{s.too_long} too long -> {s.train} train, {s.val} held out ({s.safety} tagged safety)"
+                  for s in all_stats]
+        lines.append(f"  total: {len(train)} train ({self.stats['train_safety']} safety), "
+                     f"{len(val)} held out ({self.stats['val_safety']} safety)")
+        rank_zero_info("\n".join(lines))
+
+    # ----------------------------------------------------------------------------------- loaders
+    def _replicas(self) -> tuple[int, int]:
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
+    def _iterations_done(self) -> int:
+        # One batch per iteration, so the trainer's count of finished training batches is the
+        # iteration about to run; Lightning restores it from the checkpoint on resume.
+        assert self.trainer is not None
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.train_dataset is not None
+        num_replicas, rank = self._replicas()
+        position = self._iterations_done if self.trainer is not None else None
+        sampler = IterationSampler(self.train_dataset, self.batch_size, num_replicas, rank, self.seed, position)
+        return DataLoader(self.train_dataset, batch_size=len(sampler), sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate_prompts)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.val_dataset is not None
+        return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate_prompts)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+__all__ = ["PromptDataModule", "PromptDataset", "Prompt", "PromptSource", "IterationSampler", "collate_prompts",
+           "parse_prompt_sources", "read_prompt_source", "PROMPT_FORMATS"]
+
