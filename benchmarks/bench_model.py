@@ -1,0 +1,347 @@
+"""Benchmark this package's Transformer against transformers' LlamaForCausalLM (SDPA) on CPU.
+
+Both models hold the same fp32 weights (ours built with a fixed seed, copied into Hugging Face's
+layout with the RoPE row permutation of ``wq``/``wk``). Before anything is timed the logits of both
+are compared (max abs diff < 1e-3). Two measurements, ours and theirs interleaved repetition by
+repetition so that other load on the machine hits both alike; the median is reported:
+
+* training step: forward + cross-entropy + backward (gradients zeroed between steps, no optimizer),
+  tokens/s = batch * seq_len / step time;
+* batched greedy generation: ``llama2_lightning.generation.generate(temperature=0)`` versus
+  ``LlamaForCausalLM.generate(do_sample=False)`` on the same random prompts, exactly ``new_tokens``
+  per row (no EOS), tokens/s = gen_batch * new_tokens / wall time (prefill included). The generated
+  tokens of both are compared as a correctness check.
+
+Run ``python benchmarks/bench_model.py`` (see benchmarks/README.md); ``--quick`` is a seconds-long
+smoke run on the ``tiny`` preset used by tests/test_bench_model.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llama2_lightning.config import LlamaConfig
+from llama2_lightning.generation import generate
+from llama2_lightning.model import Transformer
+
+LOGITS_TOLERANCE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _rotary_meta_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved RoPE pairs -> Hugging Face's half-split layout, rows permuted per head."""
+    out_features, dim = weight.shape
+    head_dim = out_features // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_features, dim)
+
+
+def to_hf_state_dict(config: LlamaConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (Meta) parameter names and layout -> ``LlamaForCausalLM``'s."""
+    simple = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    in_layer = {
+        "attention.wq.weight": "self_attn.q_proj.weight",
+        "attention.wk.weight": "self_attn.k_proj.weight",
+        "attention.wv.weight": "self_attn.v_proj.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name in simple:
+            out[simple[name]] = tensor
+            continue
+        prefix, index, rest = name.split(".", 2)
+        if prefix != "layers" or rest not in in_layer:
+            raise KeyError(f"no Hugging Face name for parameter {name!r}")
+        if rest == "attention.wq.weight":
+            tensor = _rotary_meta_to_hf(tensor, config.n_heads)
+        elif rest == "attention.wk.weight":
+            tensor = _rotary_meta_to_hf(tensor, config.n_kv_heads)
+        out[f"model.layers.{index}.{in_layer[rest]}"] = tensor
+    return out
+
+
+def build_models(preset: str, seed: int = 0) -> tuple[Transformer, torch.nn.Module]:
+    """Ours with a fixed seed, and transformers' LlamaForCausalLM (sdpa, fp32) holding the same weights."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig.from_name(preset)
+    ours = Transformer(config).float()
+    hf_fields = config.to_hf_config()
+    for key in ("architectures", "model_type", "torch_dtype"):
+        hf_fields.pop(key, None)
+    hf_config = HFLlamaConfig(**hf_fields, use_cache=True, attn_implementation="sdpa")
+    theirs = LlamaForCausalLM(hf_config).float()
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(config, ours.state_dict()), strict=False)
+    # rotary inv_freq is a non-persistent buffer; nothing else may be left over
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy failed: missing {missing}, unexpected {unexpected}")
+    attn = getattr(theirs.config, "_attn_implementation", None)
+    if attn != "sdpa":
+        raise RuntimeError(f"transformers model uses attn_implementation={attn!r}, expected 'sdpa'")
+    return ours, theirs
+
+
+@torch.no_grad()
+def logits_max_diff(ours: Transformer, theirs: torch.nn.Module, batch: int, seq_len: int, seed: int = 1) -> float:
+    ours.eval()
+    theirs.eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, ours.config.vocab_size, (batch, seq_len), generator=g)
+    a = ours(tokens)
+    b = theirs(input_ids=tokens, use_cache=False).logits
+    return float((a - b).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+def train_step_ours(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = model(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def train_step_theirs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = model(input_ids=x, use_cache=False).logits
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def generate_ours(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    out = generate(model, prompts.tolist(), max_new_tokens=new_tokens, temperature=0.0, eos_id=None)
+    return out.tokens
+
+
+def generate_theirs(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    # eos_token_id=None: no EOS stopping and no EOS-suppressing processor, so the output is plain
+    # argmax decoding of exactly new_tokens tokens, like ours with eos_id=None.
+    gen_config = GenerationConfig(
+        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+        bos_token_id=None, pad_token_id=0, use_cache=True,
+    )
+    out = model.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen_config
+    )
+    return out[:, prompts.size(1):]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Measurement:
+    name: str
+    tokens: int  # tokens processed per call
+    ours_s: list[float] = field(default_factory=list)
+    theirs_s: list[float] = field(default_factory=list)
+
+    @property
+    def ours_tok_s(self) -> float:
+        return self.tokens / statistics.median(self.ours_s)
+
+    @property
+    def theirs_tok_s(self) -> float:
+        return self.tokens / statistics.median(self.theirs_s)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_tok_s / self.theirs_tok_s
+
+    @property
+    def best_ratio(self) -> float:
+        """Ratio of the fastest repetitions: the least disturbed by other load on the machine."""
+        return min(self.theirs_s) / min(self.ours_s)
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> tuple[float, Any]:
+    start = clock()
+    result = fn()
+    return clock() - start, result
+
+
+def interleaved(m: Measurement, ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int,
+                warmup: int = 1, log: Callable[[str], None] = print,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[Any, Any]:
+    """Alternate ours/theirs (order flipped every repetition) after ``warmup`` untimed calls of each."""
+    r_ours = r_theirs = None
+    for _ in range(warmup):
+        r_ours, r_theirs = ours(), theirs()
+    for i in range(repeats):
+        order = [("ours", ours), ("theirs", theirs)]
+        if i % 2:
+            order.reverse()
+        for who, fn in order:
+            dt, result = _timed(fn, clock)
+            if who == "ours":
+                m.ours_s.append(dt)
+                r_ours = result
+            else:
+                m.theirs_s.append(dt)
+                r_theirs = result
+        log(f"  {m.name} rep {i + 1}/{repeats}: ours {m.ours_s[-1]:.3f}s, theirs {m.theirs_s[-1]:.3f}s")
+    return r_ours, r_theirs
+
+
+# ---------------------------------------------------------------------------------------------- report
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unavailable"
+
+
+def format_table(measurements: Sequence[Measurement]) -> str:
+    lines = [
+        "| measurement | ours tok/s | transformers tok/s | ours/theirs |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in measurements:
+        lines.append(f"| {m.name} | {m.ours_tok_s:.1f} | {m.theirs_tok_s:.1f} | {m.ratio:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="llama-100m", help="LlamaConfig preset (default: llama-100m, ~125M, GQA)")
+    p.add_argument("--batch", type=int, default=4, help="training batch size")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--gen-batch", type=int, default=8, help="generation batch size")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt length (tokens) for generation")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens generated per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per model and measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model and measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time (default). cpu: this process's CPU time, which other processes on a "
+                        "busy machine barely disturb; meaningful with --threads 1 (with more threads it counts "
+                        "the spin-waiting of idle worker threads too)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny preset, a few tokens, 1 repeat, no warm-up (smoke test; numbers mean nothing)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.preset = "tiny"
+        args.batch, args.seq_len = 2, 16
+        args.gen_batch, args.prompt_len, args.new_tokens = 2, 8, 8
+        args.repeats, args.warmup = 1, 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    ours, theirs = build_models(args.preset, args.seed)
+    config = ours.config
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), load average at start: {load_average()}")
+    print(f"preset {args.preset}: {ours.num_parameters() / 1e6:.1f}M parameters, dim {config.dim}, "
+          f"{config.n_layers} layers, {config.n_heads} heads / {config.n_kv_heads} KV heads, vocab {config.vocab_size}")
+
+    diff = logits_max_diff(ours, theirs, batch=2, seq_len=min(64, args.seq_len))
+    logits_ok = diff < LOGITS_TOLERANCE
+    print(f"logits parity: max |ours - theirs| = {diff:.2e} ({'ok' if logits_ok else 'FAILED'}, tolerance "
+          f"{LOGITS_TOLERANCE:g})")
+    if not logits_ok:
+        raise SystemExit(f"logits differ by {diff:.2e} >= {LOGITS_TOLERANCE:g}: the weight copy is wrong, not timing")
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    data = torch.randint(3, config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    prompts = torch.randint(3, config.vocab_size, (args.gen_batch, args.prompt_len), generator=g)
+
+    train = Measurement(f"training step (fwd+bwd), batch {args.batch} x seq {args.seq_len}", args.batch * args.seq_len)
+    gen = Measurement(
+        f"greedy generation, batch {args.gen_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens",
+        args.gen_batch * args.new_tokens,
+    )
+
+    clock = CLOCKS[args.clock]
+    print(f"\ntiming: {args.warmup} warm-up + {args.repeats} timed repetitions each, ours/theirs interleaved, "
+          f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} time, medians reported")
+    ours.train()
+    theirs.train()
+    loss_ours, loss_theirs = interleaved(
+        train, lambda: train_step_ours(ours, x, y), lambda: train_step_theirs(theirs, x, y), args.repeats, args.warmup,
+        clock=clock,
+    )
+    print(f"  training loss: ours {loss_ours:.5f}, theirs {loss_theirs:.5f}")
+
+    ours.eval()
+    theirs.eval()
+    tok_ours, tok_theirs = interleaved(
+        gen, lambda: generate_ours(ours, prompts, args.new_tokens),
+        lambda: generate_theirs(theirs, prompts, args.new_tokens), args.repeats, args.warmup, clock=clock,
+    )
+    same_shape = tok_ours.shape == tok_theirs.shape
+    tokens_equal = same_shape and bool(torch.equal(tok_ours, tok_theirs))
+    agree = float((tok_ours == tok_theirs).float().mean()) if same_shape else 0.0
+    print(f"  greedy tokens identical: {tokens_equal} (shapes {tuple(tok_ours.shape)} / {tuple(tok_theirs.shape)}, "
+          f"{agree:.1%} of positions agree)")
+
+    table = format_table([train, gen])
+    print()
+    if args.clock == "cpu":
+        print("(tok/s per second of process CPU time)")
+    print(table)
+    print()
+    for m in (train, gen):
+        print(f"{m.name}: median s/call ours {statistics.median(m.ours_s):.3f}, theirs {statistics.median(m.theirs_s):.3f}; "
+              f"fastest repetition ours {min(m.ours_s):.3f}, theirs {min(m.theirs_s):.3f} (ratio {m.best_ratio:.2f})")
+    print(f"\nload average at end: {load_average()}")
+    return {
+        "table": table,
+        "measurements": {"train": train, "generate": gen},
+        "logits_max_diff": diff,
+        "logits_ok": logits_ok,
+        "tokens_equal": tokens_equal,
+        "token_agreement": agree,
+        "loss": (loss_ours, loss_theirs),
+        "args": vars(args),
+        "clock": args.clock,
+    }
+
+
+if __name__ == "__main__":
+    main()
