@@ -52,6 +52,23 @@ def load_initial_weights(model: Transformer, init_from: str) -> None:
         model.reset_parameters()
 
 
+def build_transformer(config: LlamaConfig, init_from: str | None = None, activation_checkpointing: bool = False,
+                      device_mesh: Any = None, param_dtype: str | None = None,
+                      reduce_dtype: str | None = "float32") -> Transformer:
+    """The language model of a stage, for ``configure_model``: under ModelParallelStrategy this runs on the
+    meta device; loading assigns the checkpoint's tensors, FSDP2 shards per block, and the strategy
+    materialises whatever is still empty with ``reset_parameters``."""
+    from llama2_lightning.distributed import shard_transformer
+
+    model = Transformer(config)
+    model.activation_checkpointing = activation_checkpointing
+    if init_from:
+        load_initial_weights(model, init_from)
+    if device_mesh is not None:
+        shard_transformer(model, device_mesh, param_dtype, reduce_dtype)
+    return model
+
+
 def cosine_adamw(module: L.LightningModule, params: nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, warmup_steps: int, min_lr_ratio: float, decay_steps: int | None = None,
                  optimizer: OptimizerName = "adamw", decay_norm_and_embeddings: bool = False) -> dict[str, Any]:

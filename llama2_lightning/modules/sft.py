@@ -19,9 +19,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from llama2_lightning.data.sft import IGNORE_INDEX, packed_attention_mask
-from llama2_lightning.distributed import shard_transformer
 from llama2_lightning.model import Transformer
-from llama2_lightning.modules.common import build_config, cosine_adamw, load_initial_weights
+from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw
 from llama2_lightning.optim import OptimizerName
 
 
@@ -116,15 +115,9 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        # Under ModelParallelStrategy this runs on the meta device; loading assigns the checkpoint's
-        # tensors, and the strategy materialises whatever is left with reset_parameters.
-        model = Transformer(self.config)
-        model.activation_checkpointing = self.hparams.activation_checkpointing
-        if self.hparams.init_from:
-            load_initial_weights(model, self.hparams.init_from)
-        if self.device_mesh is not None:
-            shard_transformer(model, self.device_mesh, self.hparams.param_dtype, self.hparams.reduce_dtype)
-        self.model = model
+        hp = self.hparams
+        self.model = build_transformer(self.config, hp.init_from, hp.activation_checkpointing, self.device_mesh,
+                                       hp.param_dtype, hp.reduce_dtype)
 
     @property
     def flops_per_batch(self) -> int | None:
