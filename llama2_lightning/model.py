@@ -31,13 +31,10 @@ def rope_frequencies(seq_len: int, head_dim: int, theta: float, device: torch.de
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` (B, T, heads, D) by ``freqs``
     (B or 1, T, D/2) complex. Meta's convention; Hugging Face checkpoints permute ``wq``/``wk`` to match
-    their half-split convention, which the converters undo."""
-    rot = torch.view_as_real(freqs).unsqueeze(2)  # (B|1, T, 1, D/2, 2)
-    cos, sin = rot[..., 0], rot[..., 1]  # (B|1, T, 1, D/2)
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, D/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, heads, D/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, T, heads, D)
+    their half-split convention, which the converters undo. One complex multiply is about 3x faster
+    (forward + backward on CPU) than the same rotation spelt out in real arithmetic."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, D/2) complex
+    return torch.view_as_real(pairs * freqs.unsqueeze(2)).flatten(-2).type_as(x)  # (B, T, heads, D)
 
 
 class KVCache(nn.Module):
