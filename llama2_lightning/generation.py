@@ -104,9 +104,8 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out_lengths = torch.zeros(B, dtype=torch.long, device=device)
     try:
-        # Only the last prompt position's logits are needed: skip the (B, P, V) output projection.
-        hidden = model.forward_hidden(tokens, input_pos=slots[:P], positions=positions[:, :P], mask=prefill_mask)
-        logits = model.output(hidden[:, -1])  # (B, V)
+        logits = model(tokens, input_pos=slots[:P], positions=positions[:, :P], mask=prefill_mask,
+                       last_only=True)[:, -1]  # (B, V)
         for t in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)

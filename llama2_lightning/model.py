@@ -204,9 +204,12 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, positions: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        """Next-token logits (B, T, V); arguments as in :meth:`forward_hidden`."""
-        return self.output(self.forward_hidden(tokens, input_pos, positions, mask))
+                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Next-token logits (B, T, V), or (B, 1, V) for the last position only with ``last_only`` (a
+        prefill needs no more, and the (B, T, V) projection is its largest matmul); other arguments as
+        in :meth:`forward_hidden`. Going through ``forward`` keeps FSDP2's root hooks in charge."""
+        hidden = self.forward_hidden(tokens, input_pos, positions, mask)
+        return self.output(hidden[:, -1:] if last_only else hidden)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

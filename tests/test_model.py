@@ -132,3 +132,10 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], msg=name)
     assert set(model.state_dict()) == set(Transformer.from_name("tiny").state_dict())  # names unchanged
+
+
+def test_last_only_logits_equal_the_last_row() -> None:
+    model = Transformer.from_name("tiny")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
