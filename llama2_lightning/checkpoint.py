@@ -369,23 +369,9 @@ def _dtype_name(state_dict: Mapping[str, Tensor]) -> str:
     return str(floating[0]).removeprefix("torch.") if floating else "float32"
 
 
-def save_hf(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst_dir: str | os.PathLike[str],
-            max_shard_bytes: int = DEFAULT_HF_SHARD_BYTES) -> None:
-    """Write ``config.json``, ``generation_config.json`` and safetensors that ``LlamaForCausalLM``
-    loads; weights beyond ``max_shard_bytes`` go to numbered shards with an index."""
-    check_state_dict(expected_shapes(config), state_dict, "state dict to save")
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors: StateDict = {}
-    for name, tensor in state_dict.items():
-        heads = _rotary_heads(name, config)
-        if heads is not None:
-            tensor = _rotary_meta_to_hf(tensor, heads)
-        elif not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            # safetensors refuses views and tensors sharing memory; give each its own storage.
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        tensors[_ours_to_hf_key(name)] = tensor
-
+def _write_safetensors(tensors: StateDict, dst: Path, max_shard_bytes: int) -> None:
+    """``model.safetensors``, or numbered shards of at most ``max_shard_bytes`` plus Hugging Face's
+    ``model.safetensors.index.json`` when the weights are larger."""
     shards: list[StateDict] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -404,6 +390,26 @@ def save_hf(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst_dir: str 
             weight_map.update(dict.fromkeys(shard, file_name))
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_hf(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst_dir: str | os.PathLike[str],
+            max_shard_bytes: int = DEFAULT_HF_SHARD_BYTES) -> None:
+    """Write ``config.json``, ``generation_config.json`` and safetensors that ``LlamaForCausalLM``
+    loads; weights beyond ``max_shard_bytes`` go to numbered shards with an index."""
+    check_state_dict(expected_shapes(config), state_dict, "state dict to save")
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors: StateDict = {}
+    for name, tensor in state_dict.items():
+        heads = _rotary_heads(name, config)
+        if heads is not None:
+            tensor = _rotary_meta_to_hf(tensor, heads)
+        elif not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            # safetensors refuses views and tensors sharing memory; give each its own storage.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        tensors[_ours_to_hf_key(name)] = tensor
+
+    _write_safetensors(tensors, dst, max_shard_bytes)
 
     hf_config = config.to_hf_config()
     hf_config["torch_dtype"] = _dtype_name(state_dict)
@@ -658,24 +664,7 @@ def save_hf_sequence_classification(config: LlamaConfig, trunk_state_dict: Mappi
         tensors[_ours_to_hf_key(name)] = tensor.clone(memory_format=torch.contiguous_format)
     tensors["score.weight"] = score_weight.detach().clone(memory_format=torch.contiguous_format)
 
-    shards: list[StateDict] = [{}]
-    shard_bytes = 0
-    for name, tensor in tensors.items():
-        if shards[-1] and shard_bytes + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += tensor.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(dst / file_name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file_name))
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_safetensors(tensors, dst, max_shard_bytes)
 
     hf_config = config.to_hf_config()
     hf_config.update({
