@@ -11,7 +11,6 @@ plain sentencepiece decodes our ids to the same text, so a Meta checkpoint sees 
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import hashlib
 import io
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+from llama2_lightning.files import expand_files
 
 SPACE_SYMBOL = "\u2581"
 
@@ -145,22 +146,10 @@ class Tokenizer:
 def _expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    files: list[Path] = []
-    for item in inputs:
-        pattern = str(item)
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"tokenizer training input pattern {pattern!r} matched no files")
-            files.extend(Path(m) for m in matches)
-        else:
-            files.append(Path(pattern))
-    if not files:
+    inputs = list(inputs)
+    if not inputs:
         raise ValueError("train_tokenizer needs at least one input file")
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer training input not found: {path}")
-    return files
+    return expand_files(inputs, "tokenizer training input pattern", "tokenizer training input not found")
 
 
 def _iter_lines(path: Path) -> Iterator[str]:

@@ -32,7 +32,6 @@ predicted from the previous document's EOS.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import itertools
@@ -50,6 +49,7 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from llama2_lightning.files import expand_files
 from llama2_lightning.tokenizer import Tokenizer
 
 # Start of the warning Lightning gives on a mid-epoch resume when the DataLoader has no state_dict.
@@ -75,20 +75,7 @@ def resolve_files(train_files: Sequence[str] | str) -> list[Path]:
     patterns = [train_files] if isinstance(train_files, str) else list(train_files)
     if not patterns:
         raise ValueError("train_files is empty: give at least one file or glob pattern")
-    files: list[Path] = []
-    for pattern in patterns:
-        pattern = str(pattern)
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"train_files pattern {pattern!r} matched no files")
-            files.extend(Path(m) for m in matches)
-        else:
-            files.append(Path(pattern))
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"training data file not found: {path}")
-    return files
+    return expand_files(patterns, "train_files pattern", "training data file not found")
 
 
 def _is_jsonl(path: Path) -> bool:
