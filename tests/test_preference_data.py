@@ -168,6 +168,21 @@ def test_held_out_split_is_disjoint_deterministic_and_keeps_duplicates_together(
     assert {p.key for p in other.val_dataset.pairs} != val
 
 
+def test_held_out_pairs_depend_on_content_not_on_source_order(tmp_path: Path) -> None:
+    # The helpfulness and safety configs list the same files in opposite orders: both must hold out
+    # the same pairs, or cross-evaluating one RM on the other's held-out set scores training pairs.
+    a = write_jsonl(tmp_path / "a.jsonl", numbered_pairs(30, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", numbered_pairs(30, "b"))
+    ab = module([{"path": str(a)}, {"path": str(b)}], val_fraction=0.2, seed=5)
+    ba = module([{"path": str(b)}, {"path": str(a)}], val_fraction=0.2, seed=5)
+    val_ab, val_ba = {p.key for p in ab.val_dataset.pairs}, {p.key for p in ba.val_dataset.pairs}
+    assert val_ab == val_ba and len(val_ab) == 12
+    assert not val_ab & {p.key for p in ba.train_dataset.pairs}
+    # a smaller share holds out a subset of a larger one (same seed)
+    small = module([{"path": str(a)}, {"path": str(b)}], val_fraction=0.1, seed=5)
+    assert {p.key for p in small.val_dataset.pairs} < val_ab
+
+
 def test_val_sources_are_held_out_and_removed_from_training(tmp_path: Path) -> None:
     records = numbered_pairs(20, "a")
     train_path = write_jsonl(tmp_path / "train.jsonl", records)

@@ -241,3 +241,13 @@ def test_prompt_longer_than_the_limit_is_dropped_and_counted(tmp_path: Path, tok
     assert all(len(p.ids) <= 40 for p in dm.train_prompts + dm.heldout_prompts)
     with pytest.raises(ValueError, match="no training prompts"):
         module([{"path": str(write_jsonl(tmp_path / "b.jsonl", [{"prompt": long}]))}], max_prompt_len=40)
+
+
+def test_held_out_prompts_depend_on_content_not_on_source_order(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Question a{i}?"} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Question b{i}?"} for i in range(30)])
+    ab = module([{"path": str(a)}, {"path": str(b)}], val_fraction=0.2, seed=5)
+    ba = module([{"path": str(b)}, {"path": str(a)}], val_fraction=0.2, seed=5)
+    assert {p.key for p in ab.heldout_prompts} == {p.key for p in ba.heldout_prompts}
+    assert len(ab.heldout_prompts) == 12
+    assert not {p.key for p in ab.heldout_prompts} & {p.key for p in ba.train_prompts}

@@ -21,9 +21,11 @@ Encoding
     HH helpful file) carry no preference and are dropped and counted.
 
 Held-out split
-    Per source, a seeded permutation of its *distinct* pairs sends ``val_fraction`` of them to
-    validation (identical pairs go to the same side), so a reward model is evaluated on pairs it
-    never trained on. ``val_sources`` adds whole files to validation only; a training pair that also
+    Per source, ``val_fraction`` of its *distinct* pairs go to validation (identical pairs go to the
+    same side), so a reward model is evaluated on pairs it never trained on. Which pairs is decided
+    by each pair's content and ``seed`` (``data.split``), not by the file's position in ``sources``:
+    the helpfulness and safety configs list the HH files in opposite orders and still hold out the
+    same pairs, so cross-evaluating one RM on the other's held-out set scores no training pair. ``val_sources`` adds whole files to validation only; a training pair that also
     occurs in validation is removed from training. The held-out set is never reweighted.
 
 Mixing (training split only)
@@ -62,6 +64,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import Message, encode_dialog
+from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import hh_pair_to_prompt_and_answers, read_jsonl
 from llama2_lightning.rlhf.ranking import MARGINS
 from llama2_lightning.tokenizer import Tokenizer
@@ -423,14 +426,9 @@ class PreferenceDataModule(L.LightningDataModule):
         stats.pairs = len(pairs)
         return pairs
 
-    def _split(self, pairs: list[PreferencePair], index: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-        """Seeded held-out split over distinct pairs (duplicates land on the same side)."""
-        keys = list(dict.fromkeys(p.key for p in pairs))  # distinct, in file order
-        n_val = 0
-        if self.val_fraction > 0 and len(keys) >= 2:
-            n_val = min(max(1, round(len(keys) * self.val_fraction)), len(keys) - 1)
-        rng = np.random.default_rng([self.seed, index, 0])
-        val_keys = {keys[i] for i in rng.permutation(len(keys))[:n_val]}
+    def _split(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:
+        """Held-out split by content (``data.split``); duplicates land on the same side."""
+        val_keys = heldout_keys([p.key for p in pairs], self.val_fraction, self.seed)
         train = [p for p in pairs if p.key not in val_keys]
         val = [p for p in pairs if p.key in val_keys]
         return train, val
@@ -444,7 +442,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val: list[PreferencePair] = []
         for i, spec in enumerate(self.sources):
             st = SourceStats(spec.name, str(spec.path), spec.format, "train", spec.weight)
-            train_i, val_i = self._split(self._read_source(spec, i, st), i)
+            train_i, val_i = self._split(self._read_source(spec, i, st))
             trains.append(train_i)
             val += val_i
             all_stats.append(st)

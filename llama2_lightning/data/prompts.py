@@ -25,8 +25,8 @@ Sources
     kept once, with the tag of their first occurrence; the count is in ``stats``.
 
 Held-out split
-    Per source, a permutation seeded by ``(seed, source index)`` of its distinct prompts sends
-    ``val_fraction`` of them to the held-out set, *before* the length filter, so changing
+    Per source, ``val_fraction`` of its distinct prompts go to the held-out set, chosen by each
+    prompt's content and ``seed`` (``data.split``), not by the source's position, *before* the length filter, so changing
     ``max_prompt_len`` never moves a prompt between the splits. ``val_sources`` add held-out-only
     files, and a training prompt that also occurs there is removed from training. ``max_val_prompts``
     caps the held-out set (generation on it runs every validation) with a seeded choice.
@@ -55,6 +55,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
 from llama2_lightning.tokenizer import Tokenizer
 
@@ -408,14 +409,10 @@ class PromptDataModule(L.LightningDataModule):
         return self.val_dataset.prompts
 
     # ------------------------------------------------------------------------------------- setup
-    def _split(self, prompts: list[Prompt], index: int) -> tuple[list[Prompt], list[Prompt]]:
-        n_val = 0
-        if self.val_fraction > 0 and len(prompts) >= 2:
-            n_val = min(max(1, round(len(prompts) * self.val_fraction)), len(prompts) - 1)
-        order = np.random.default_rng([self.seed, index]).permutation(len(prompts))
-        val_idx = set(order[:n_val].tolist())
-        return ([p for i, p in enumerate(prompts) if i not in val_idx],
-                [p for i, p in enumerate(prompts) if i in val_idx])
+    def _split(self, prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
+        """Held-out split by content (``data.split``): the same prompts whichever position the source has."""
+        val_keys = heldout_keys([p.key for p in prompts], self.val_fraction, self.seed)
+        return [p for p in prompts if p.key not in val_keys], [p for p in prompts if p.key in val_keys]
 
     def _encode(self, prompt: Prompt) -> list[int]:
         messages = prompt.messages
@@ -449,7 +446,7 @@ class PromptDataModule(L.LightningDataModule):
                     continue
                 seen.add(p.key)
                 distinct.append(p)
-            tr, va = self._split(distinct, i) if split == "train" else ([], distinct)
+            tr, va = self._split(distinct) if split == "train" else ([], distinct)
             kept_tr, kept_va = [], []
             for p, out in [(p, kept_tr) for p in tr] + [(p, kept_va) for p in va]:
                 p.ids = self._encode(p)
