@@ -317,6 +317,48 @@ def test_rejection_sampling_raises_the_rule_reward(tmp_path: Path, tiny_ckpt: Pa
     assert len(callback.pool) == 48 and callback.round == 10  # every training prompt has its best answer
 
 
+def test_a_later_round_run_continues_the_pool_and_draws_new_prompts(tmp_path: Path, tiny_ckpt: Path,
+                                                                    prompts_file: Path) -> None:
+    """RLHF-V2 as its own fit: init_from and pool_from the V1 checkpoint, start_iteration past V1's prompts."""
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.indices: list[list[int]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+            self.indices.append(batch["index"].tolist())
+
+    def run(root: Path, init_from: Path, rounds: int, start: int = 0, **cb_kwargs: Any) -> tuple[RejectionSamplingCallback, Seen]:
+        L.seed_everything(0)
+        callback, seen = RejectionSamplingCallback(num_samples=2, temperature_increment=0.1, seed=0, **cb_kwargs), Seen()
+        dm = PromptDataModule(sources=[{"path": str(prompts_file), "format": "prompts"}],
+                              tokenizer_path=str(TOKENIZER), max_prompt_len=32, batch_size=8, val_fraction=0.25,
+                              seed=0, start_iteration=start)
+        module = rlhf_module(init_from, algorithm="rejection_sampling", lr=1e-3, minibatch_size=8)
+        trainer = L.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, callbacks=[callback, seen], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, default_root_dir=root)
+        trainer.fit(module, dm)
+        trainer.save_checkpoint(root / "last.ckpt")
+        return callback, seen
+
+    v1, seen1 = run(tmp_path / "v1", tiny_ckpt, 2)
+    v2, seen2 = run(tmp_path / "v2", tmp_path / "v1" / "last.ckpt", 1, start=2, pool_from=str(tmp_path / "v1" / "last.ckpt"))
+    assert v1.round == 2 and v2.round == 3  # the round counter (and so the temperature schedule) continues
+    assert v2.temperature_for(2) == pytest.approx(1.2)
+    v1_prompts = {i for batch in seen1.indices for i in batch}
+    assert len(v1_prompts) == 16 and not set(seen2.indices[0]) & v1_prompts  # V2 draws new prompts
+    # the pool holds V1's best answers untouched (its prompts were not sampled again) plus V2's
+    assert set(v2.pool) == v1_prompts | set(seen2.indices[0])
+    assert all(v2.pool[i] == v1.pool[i] for i in v1_prompts)
+    # the V2 policy started from V1's weights, not from the SFT checkpoint
+    v1_state = torch.load(tmp_path / "v1" / "last.ckpt", weights_only=True)["state_dict"]
+    sft_state = torch.load(tiny_ckpt, weights_only=True)["state_dict"]
+    assert not torch.equal(v1_state["model.output.weight"], sft_state["model.output.weight"])
+    with pytest.raises(ValueError, match="RejectionSamplingCallback state"):
+        RejectionSamplingCallback(pool_from=str(tiny_ckpt)).setup(None, None, "fit")  # type: ignore[arg-type]
+
+
 class _StubPolicy:
     """Answers whose reward the test chooses, to check the pool without a model."""
 

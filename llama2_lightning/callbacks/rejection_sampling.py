@@ -16,6 +16,12 @@ Temperature: the paper finds the best temperature rises as the model improves (1
 samples at later stages), so it can rise by round: an explicit ``temperatures`` list (the last value
 repeats), or ``temperature + round * temperature_increment`` capped at ``max_temperature``.
 
+Rounds as separate runs (the paper's RLHF-V1..V4): ``pool_from`` names the previous round's
+checkpoint; a fresh run starts from its pool and round counter, so the temperature keeps rising and
+the pool keeps the best answers of *all* earlier rounds. Set the prompt data's ``start_iteration`` to
+the iterations already done so the new round draws new prompts. Resuming a killed run
+(``--ckpt_path``) restores its own state instead.
+
 Distributed: every rank's new best answers are gathered, so all ranks hold the same pool and each
 trains on a strided share of it. State (``state_dict``): the round counter (it seeds sampling and the
 minibatch order) and the pool, so a resumed run continues with the same pool.
@@ -24,6 +30,7 @@ minibatch order) and the pool, so a resumed run continues with the same pool.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -43,11 +50,13 @@ class RejectionSamplingCallback(L.Callback):
         train_on: ``"pool"`` fine-tunes on every prompt's best answer so far (paper's fix);
             ``"round"`` only on this round's prompts, still each with its best answer over all rounds.
         seed: base of the sampling and minibatch seeds.
+        pool_from: a previous rejection-sampling run's Lightning checkpoint (a ``.ckpt`` file): this
+            run starts with its pool and round counter (module docstring, "Rounds").
     """
 
     def __init__(self, num_samples: int = 4, temperatures: list[float] | None = None, temperature: float = 1.0,
                  temperature_increment: float = 0.0, max_temperature: float | None = None,
-                 train_on: Literal["pool", "round"] = "pool", seed: int = 0) -> None:
+                 train_on: Literal["pool", "round"] = "pool", seed: int = 0, pool_from: str | None = None) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if temperatures is not None and (not temperatures or min(temperatures) <= 0):
@@ -63,6 +72,7 @@ class RejectionSamplingCallback(L.Callback):
         self.max_temperature = max_temperature
         self.train_on = train_on
         self.seed = seed
+        self.pool_from = pool_from
         self.round = 0
         # prompt index -> {"prompt_ids", "answer_ids", "reward", "round"}
         self.pool: dict[int, dict[str, Any]] = {}
@@ -79,6 +89,11 @@ class RejectionSamplingCallback(L.Callback):
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, entries)
         return [e for part in gathered for e in part]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # setup runs before Lightning restores a resumed run's callback state, which then wins.
+        if stage == "fit" and self.pool_from is not None:
+            self.load_state_dict(pool_state_from_checkpoint(self.pool_from))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -141,4 +156,18 @@ class RejectionSamplingCallback(L.Callback):
         self.pool = {int(e["index"]): {k: v for k, v in e.items() if k != "index"} for e in state_dict["pool"]}
 
 
-__all__ = ["RejectionSamplingCallback"]
+def pool_state_from_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The ``RejectionSamplingCallback`` state (round counter and pool) saved in a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pool_from={str(path)!r}: no such checkpoint file (the previous rejection-sampling "
+                                "round's checkpoints/last.ckpt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    states = [v for k, v in ckpt.get("callbacks", {}).items() if str(k).startswith(RejectionSamplingCallback.__name__)]
+    if len(states) != 1:
+        raise ValueError(f"pool_from={str(path)!r}: expected one {RejectionSamplingCallback.__name__} state in the "
+                         f"checkpoint's callbacks, found {len(states)} (was it written by a rejection-sampling run?)")
+    return states[0]
+
+
+__all__ = ["RejectionSamplingCallback", "pool_state_from_checkpoint"]

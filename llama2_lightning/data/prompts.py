@@ -330,6 +330,9 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: a system message prepended to every prompt that has none (null: none, as in the
             paper's RLHF prompts).
         seed: fixes the split and the order prompts are drawn in.
+        start_iteration: where in the prompt stream iteration 0 of this run starts. A later RLHF round
+            run as its own fit (``init_from`` the previous round) sets it to the iterations already
+            done, so it draws new prompts instead of the previous round's again.
         on_bad_line: ``"error"`` raises naming file and line; ``"skip"`` drops and counts the line.
     """
 
@@ -345,6 +348,7 @@ class PromptDataModule(L.LightningDataModule):
         max_val_prompts: int | None = None,
         system_prompt: str | None = None,
         seed: int = 42,
+        start_iteration: int = 0,
         num_workers: int = 0,
         on_bad_line: Literal["error", "skip"] = "error",
     ) -> None:
@@ -354,7 +358,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("sources is empty: give at least one prompt file (or null for the shipped default)")
         self.val_source_specs = parse_prompt_sources(val_sources or [], "val_sources")
         for name, value, low in (("max_prompt_len", max_prompt_len, 4), ("batch_size", batch_size, 1),
-                                 ("num_workers", num_workers, 0)):
+                                 ("num_workers", num_workers, 0), ("start_iteration", start_iteration, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if val_batch_size is not None and val_batch_size < 1:
@@ -374,6 +378,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_val_prompts = max_val_prompts
         self.system_prompt = system_prompt
         self.seed = seed
+        self.start_iteration = start_iteration
         self.num_workers = num_workers
         self.on_bad_line = on_bad_line
         self._tokenizer: Tokenizer | None = None
@@ -500,7 +505,7 @@ class PromptDataModule(L.LightningDataModule):
         # One batch per iteration, so the trainer's count of finished training batches is the
         # iteration about to run; Lightning restores it from the checkpoint on resume.
         assert self.trainer is not None
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return self.start_iteration + int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
