@@ -1,8 +1,15 @@
-"""Batched sampling with the KV cache.
+"""Batched sampling with a pre-allocated (static) KV cache.
 
 Prompts of different lengths share one batch by left padding: every row's prompt ends in the same
 cache slot, so one decode step serves all rows. RoPE positions are per row (a row's first real token
 is position 0) and padded slots are masked out, so a row generates exactly what it would alone.
+
+Every decode step has the same shapes: one token per row against all ``P + max_new_tokens`` cache
+slots, the slots not yet written masked out. That is what lets ``compile=True`` compile the step once
+per batch shape, and it leaves the loop with only the sampling step to do in Python.
+
+``num_samples=K`` (best-of-K, rejection sampling) prefills each distinct prompt once and copies its
+cache to its K rows, instead of prefilling K copies of it.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from llama2_lightning.model import Transformer
+from llama2_lightning.model import KVCache, Transformer
 
 
 @dataclass
@@ -25,6 +32,8 @@ class GenerationOutput:
     filtering), which is what PPO's ratio needs; 0 after a row ends."""
     lengths: Tensor
     """(B,) new tokens per row, its EOS included."""
+    logits: Tensor | None = None
+    """(B, N, V) float32 next-token logits of every step, only with ``output_logits=True``."""
 
     def as_lists(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
@@ -49,30 +58,135 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _DecodeStep(nn.Module):
+    """One token per row through the cached model: (B, 1) ids -> (B, V) float32 logits."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        return self.model(tokens, input_pos=input_pos, positions=positions, mask=mask)[:, -1].float()
+
+
+# Inductor's C++ GEMM micro-kernels for a handful of rows beat MKL's sgemm on CPU (about 2-3x on the
+# ~100M model's projections), but they need the weights packed ahead of time, i.e. frozen as constants.
+# Freezing is read outside torch.compile's per-call options, hence a config patch around every call
+# (compilation happens at the first call, and again whenever a guard fails).
+_CPU_INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+class _CompiledDecodeStep(nn.Module):
+    """``torch.compile`` of :class:`_DecodeStep`, called under the inductor settings it was built for."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.cpu = model.output.weight.device.type == "cpu"
+        self.step = torch.compile(_DecodeStep(model), dynamic=False)
+        self.caches: list[KVCache] = []
+
+    def adopt_cache(self, model: Transformer) -> None:
+        """Copy the prefill's cache into buffers this step keeps between calls, and decode in those:
+        the compiled code is specialised to its cache tensors, so fresh ones would recompile it."""
+        fresh = [layer.attention.kv_cache for layer in model.layers]
+        if not self.caches or self.caches[0].k.shape != fresh[0].k.shape or self.caches[0].k.dtype != fresh[0].k.dtype:
+            B, G, S, D = fresh[0].k.shape
+            self.caches = [KVCache(B, S, G, D, dtype=c.k.dtype, device=c.k.device) for c in fresh]
+        for layer, src, dst in zip(model.layers, fresh, self.caches):
+            dst.k.copy_(src.k)
+            dst.v.copy_(src.v)
+            layer.attention.kv_cache = dst
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        if not self.cpu:
+            return self.step(tokens, input_pos, positions, mask)
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(_CPU_INDUCTOR_CONFIG):
+            return self.step(tokens, input_pos, positions, mask)
+
+
+def _weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter: an optimiser step or a
+    ``load_state_dict`` changes it, which invalidates a compiled step that froze the weights."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def compiled_decode_step(model: Transformer) -> nn.Module:
+    """The model's decode step through ``torch.compile``, built once and kept on the model.
+
+    On CPU the step is compiled with frozen weights (``_CPU_INDUCTOR_CONFIG``), so it is rebuilt
+    whenever the weights change (an RLHF policy after each optimiser step): compiling pays for many
+    tokens from fixed weights, not for one short rollout per update."""
+    version = _weights_version(model)
+    cached = model.__dict__.get("_compiled_decode")  # outside the module tree: not a submodule
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    if cached is not None:
+        import torch._dynamo as dynamo
+
+        # Frozen constants are baked into the compiled code, whose cache is keyed by the step's code
+        # object: only a reset makes dynamo re-trace with the new weights.
+        dynamo.reset()
+    step = _CompiledDecodeStep(model)
+    model.__dict__["_compiled_decode"] = (version, step)
+    return step
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-             seed: int | None = None) -> GenerationOutput:
+             seed: int | None = None, num_samples: int = 1, compile: bool = False,
+             output_logits: bool = False) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` after each prompt; a row stops at its first ``eos_id``.
+
+    ``num_samples``: answers per prompt, returned as ``len(prompts) * num_samples`` rows in the order
+    prompt 0 x K, prompt 1 x K, ...; each prompt is prefilled once. ``compile``: run the decode step
+    through ``torch.compile`` (:func:`compiled_decode_step`; the first call compiles, minutes on a
+    small CPU). ``output_logits``: also return every step's logits (memory: B x N x V floats).
 
     The model's KV cache is allocated for the call and released afterwards."""
     from llama2_lightning.distributed import is_sharded
 
     # FSDP2's all-gathered parameters cannot be used under inference_mode; no_grad is enough there.
-    with torch.inference_mode(not is_sharded(model)), torch.no_grad():
-        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed)
+    # Compiled code traced under no_grad is reused under no_grad only, so it keeps to no_grad too.
+    with torch.inference_mode(not (is_sharded(model) or compile)), torch.no_grad():
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed,
+                         num_samples, compile, output_logits)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) ids left-padded with id 0 (padded slots are masked, so any valid id will do; pad_id may
+    be -1) and (B,) prompt lengths."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
+    tokens = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    return tokens, lengths
+
+
+def _copy_rows_of_cache(model: Transformer, k: int) -> None:
+    """Repeat every layer's cache rows ``k`` times, row i to rows i*k .. i*k + k - 1."""
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        cache.k = cache.k.repeat_interleave(k, dim=0)  # (B * k, G, S, D)
+        cache.v = cache.v.repeat_interleave(k, dim=0)  # (B * k, G, S, D)
 
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-              top_k: int | None, top_p: float, eos_id: int | None, pad_id: int, seed: int | None) -> GenerationOutput:
+              top_k: int | None, top_p: float, eos_id: int | None, pad_id: int, seed: int | None,
+              num_samples: int, compile: bool, output_logits: bool) -> GenerationOutput:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = model.output.weight.device
-    B, lengths = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
-    P = int(lengths.max())
+    tokens, lengths = _left_pad(prompts, device)  # (B0, P), (B0,)
+    P = tokens.size(1)
     total = P + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(
@@ -82,51 +196,68 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    # (B, P) left-padded with id 0: padded slots are masked, so any valid id will do (pad_id may be -1)
-    tokens = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
     slots = torch.arange(total, device=device)
-    pad = (P - lengths)[:, None]  # (B, 1) left padding per row
-    valid = slots[None, :] >= pad  # (B, total): pad slots are never attended
-    positions = (slots[None, :] - pad).clamp(min=0)  # (B, total) per-row RoPE positions
+    pad = (P - lengths)[:, None]  # (B0, 1) left padding per row
+    valid = slots[None, :] >= pad  # (B0, total): pad slots are never attended
+    positions = (slots[None, :] - pad).clamp(min=0)  # (B0, total) per-row RoPE positions
     # Causal over slots, keys restricted to real tokens; a pad query sees itself so no row of the
     # mask is empty (an all-masked row would make SDPA return NaN).
     causal = slots[:P, None] >= slots[None, :P]  # (P, P)
     eye = torch.eye(P, dtype=torch.bool, device=device)
-    prefill_mask = ((causal & valid[:, None, :P]) | eye)[:, None]  # (B, 1, P, P)
+    prefill_mask = ((causal & valid[:, None, :P]) | eye)[:, None]  # (B0, 1, P, P)
 
     was_training = model.training
     model.eval()
-    model.setup_kv_cache(B, total)
-    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros((B, max_new_tokens), device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out_lengths = torch.zeros(B, dtype=torch.long, device=device)
+    step = compiled_decode_step(model) if compile else _DecodeStep(model)
+    model.setup_kv_cache(tokens.size(0), total)
     try:
         logits = model(tokens, input_pos=slots[:P], positions=positions[:, :P], mask=prefill_mask,
-                       last_only=True)[:, -1]  # (B, V)
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
-            out_tokens[:, t] = torch.where(finished, pad_id, nxt)
-            out_logprobs[:, t] = torch.where(finished, 0.0, logp)
-            out_lengths += (~finished).long()
-            if eos_id is not None:
-                finished |= nxt == eos_id
-                if bool(finished.all()):
-                    break
-            if t + 1 == max_new_tokens:
-                break
-            slot = P + t
-            step_mask = valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
-            # finished rows keep decoding their (ignored) samples: pad_id need not be a valid token id
-            logits = model(
-                nxt[:, None], input_pos=slots[slot : slot + 1],
-                positions=positions[:, slot : slot + 1], mask=step_mask,
-            )[:, -1]
+                       last_only=True)[:, -1].float()  # (B0, V)
+        if num_samples > 1:
+            _copy_rows_of_cache(model, num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)  # (B, V)
+            valid = valid.repeat_interleave(num_samples, dim=0)  # (B, total)
+            positions = positions.repeat_interleave(num_samples, dim=0)  # (B, total)
+        if isinstance(step, _CompiledDecodeStep):
+            step.adopt_cache(model)
+        return _decode(step, logits, valid, positions, P, max_new_tokens, temperature, top_k, top_p, eos_id,
+                       pad_id, generator, output_logits)
     finally:
         model.reset_kv_cache()
         model.train(was_training)
+
+
+def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P: int, max_new_tokens: int,
+            temperature: float, top_k: int | None, top_p: float, eos_id: int | None, pad_id: int,
+            generator: torch.Generator | None, output_logits: bool) -> GenerationOutput:
+    """The token loop: ``logits`` (B, V) are the prefill's; ``valid`` / ``positions`` (B, S) per slot."""
+    B, V = logits.shape
+    device = logits.device
+    slots = torch.arange(valid.size(1), device=device)
+    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((B, max_new_tokens), device=device)
+    all_logits = torch.zeros((B, max_new_tokens, V), device=device) if output_logits else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out_lengths = torch.zeros(B, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        if all_logits is not None:
+            all_logits[:, t] = logits
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
+        out_tokens[:, t] = torch.where(finished, pad_id, nxt)
+        out_logprobs[:, t] = torch.where(finished, 0.0, logp)
+        out_lengths += (~finished).long()
+        if eos_id is not None:
+            finished |= nxt == eos_id
+            if bool(finished.all()):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        slot = P + t
+        # Same shapes every step: all slots, those not yet written (or padding) masked out.
+        step_mask = (valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+        # finished rows keep decoding their (ignored) samples: pad_id need not be a valid token id
+        logits = step(nxt[:, None], slots[slot : slot + 1], positions[:, slot : slot + 1], step_mask)  # (B, V)
     n = int(out_lengths.max()) if B else 0
-    return GenerationOutput(out_tokens[:, :n], out_logprobs[:, :n], out_lengths)
+    return GenerationOutput(out_tokens[:, :n], out_logprobs[:, :n], out_lengths,
+                            all_logits[:, :n] if all_logits is not None else None)

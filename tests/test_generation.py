@@ -100,3 +100,73 @@ def test_greedy_equals_transformers_generate(tmp_path, n_kv_heads: int) -> None:
                                    pad_token_id=0, eos_token_id=None)[0, 9:]
     got = generate(ours, prompt.tolist(), max_new_tokens=24, temperature=0.0)
     assert got.tokens[0].tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+def test_prefix_reuse_logits_equal_plain_per_row_prefill(model: Transformer) -> None:
+    k = 3
+    repeated = [p for p in PROMPTS for _ in range(k)]
+    plain = generate(model, repeated, 9, temperature=1.0, seed=5, output_logits=True)
+    reused = generate(model, PROMPTS, 9, temperature=1.0, seed=5, num_samples=k, output_logits=True)
+    assert reused.logits is not None and plain.logits is not None
+    assert reused.logits.shape == (len(PROMPTS) * k, 9, model.config.vocab_size)
+    # Same logits at every step, hence (same generator stream) the same samples, row for row.
+    torch.testing.assert_close(reused.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reused.tokens, plain.tokens)
+    torch.testing.assert_close(reused.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    # The K samples of one prompt differ from each other (they are samples, not copies).
+    assert not torch.equal(reused.tokens[0], reused.tokens[1])
+
+
+def test_prefix_reuse_greedy_rows_are_identical_to_plain(model: Transformer) -> None:
+    plain = generate(model, PROMPTS, 12, temperature=0.0)
+    reused = generate(model, PROMPTS, 12, temperature=0.0, num_samples=4)
+    assert torch.equal(reused.tokens, plain.tokens.repeat_interleave(4, dim=0))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        generate(model, PROMPTS, 2, num_samples=0)
+
+
+def test_output_logits_are_the_full_forward_logits(model: Transformer) -> None:
+    out = generate(model, PROMPTS, 6, temperature=0.0, output_logits=True)
+    assert out.logits is not None
+    for i, prompt in enumerate(PROMPTS):
+        seq = torch.tensor([prompt + out.tokens[i].tolist()])
+        with torch.no_grad():
+            expected = model(seq)[0, len(prompt) - 1 : -1]  # (N, V)
+        torch.testing.assert_close(out.logits[i], expected, atol=1e-4, rtol=1e-4)
+    assert generate(model, PROMPTS, 2, temperature=0.0).logits is None
+
+
+def _compiled_or_skip(fn):
+    """Run ``fn``; skip (not fail) where inductor cannot build C++ on this machine."""
+    try:
+        return fn()
+    except Exception as err:  # inductor wraps compiler failures in several exception types
+        names = {type(e).__name__ for e in (err, err.__cause__) if e is not None}
+        if names & {"BackendCompilerFailed", "CppCompileError", "InvalidCxxCompiler", "CalledProcessError"}:
+            pytest.skip(f"torch.compile (inductor) cannot compile here: {err}")
+        raise
+
+
+def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
+    torch.manual_seed(1)
+    model = Transformer(LlamaConfig.from_name("tiny")).eval()
+    eager = generate(model, PROMPTS, 10, temperature=0.0, output_logits=True)
+    compiled = _compiled_or_skip(lambda: generate(model, PROMPTS, 10, temperature=0.0, output_logits=True,
+                                                  compile=True))
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.tokens, eager.tokens)
+    # Same shapes, other prompts: the kept cache and compiled step are reused, not stale.
+    others = [[p[-1] + 1] + p[:-1] for p in PROMPTS]
+    torch.testing.assert_close(generate(model, others, 10, temperature=0.0, output_logits=True, compile=True).logits,
+                               generate(model, others, 10, temperature=0.0, output_logits=True).logits,
+                               atol=1e-4, rtol=1e-4)
+    # The CPU step freezes the weights: an in-place update (an optimiser step) must rebuild it.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    updated = generate(model, PROMPTS, 10, temperature=0.0, output_logits=True)
+    assert not torch.allclose(updated.logits, eager.logits, atol=1e-2)
+    torch.testing.assert_close(generate(model, PROMPTS, 10, temperature=0.0, output_logits=True, compile=True).logits,
+                               updated.logits, atol=1e-4, rtol=1e-4)
+    assert not model.has_kv_cache
