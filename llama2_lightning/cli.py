@@ -123,7 +123,13 @@ def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
 
         return cli_export_rm(argv)
 
+    def pipeline(argv: list[str]) -> int:
+        from llama2_lightning.pipeline import cli_pipeline
+
+        return cli_pipeline(argv)
+
     return {
+        "pipeline": (pipeline, "run the whole recipe (configs/pipeline/*.yaml) and write report.md"),
         "convert": (convert, "convert checkpoints between Meta, Hugging Face and Lightning formats"),
         "generate": (cli_generate, "sample from a checkpoint"),
         "tokenizer": (tokenizer, "train a SentencePiece tokenizer"),

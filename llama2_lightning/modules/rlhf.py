@@ -65,7 +65,7 @@ from llama2_lightning.heads import ScalarModel
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, load_initial_weights
 from llama2_lightning.modules.sft import answer_loss
-from llama2_lightning.optim import param_groups
+from llama2_lightning.optim import OptimizerName, build_optimizer, param_groups
 from llama2_lightning.rewards import FrozenDType, RewardFunction
 from llama2_lightning.rlhf.kl import kl_penalty
 from llama2_lightning.rlhf.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
@@ -209,6 +209,7 @@ class RLHFModule(L.LightningModule):
             top_p 1 and no top_k for PPO (rejection sampling has its own temperature schedule).
         lr: policy learning rate, constant (paper, PPO: 1e-6). value_lr: the value model's (default lr).
         betas / eps / weight_decay: AdamW (paper: 0.9/0.95, 1e-5, 0.1).
+        optimizer: ``"adamw"`` or ``"adamw8bit"`` (bitsandbytes: about 4x less optimiser-state memory).
         grad_clip: gradient-norm clip, applied to policy and value model separately (paper: 1.0).
         minibatch_size: sequences per optimiser step (paper: 64, one step per minibatch).
         micro_batch_size: sequences per forward/backward inside a minibatch (gradient accumulation for
@@ -242,6 +243,7 @@ class RLHFModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-5,
         weight_decay: float = 0.1,
+        optimizer: OptimizerName = "adamw",
         grad_clip: float | None = 1.0,
         minibatch_size: int = 64,
         micro_batch_size: int | None = None,
@@ -399,14 +401,17 @@ class RLHFModule(L.LightningModule):
         hp = self.hparams
         tok = self.tokenizer
         temperature = hp.temperature if temperature is None else temperature
-        prompt_ids = [list(p) for p in batch["prompt_ids"] for _ in range(num_samples)]
+        prompts = [list(p) for p in batch["prompt_ids"]]
+        prompt_ids = [p for p in prompts for _ in range(num_samples)]
         longest = max(len(p) for p in prompt_ids)
         if longest + hp.max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={hp.max_new_tokens} exceeds the policy's "
                              f"max_seq_len={self.config.max_seq_len}; lower data.max_prompt_len or max_new_tokens")
         with gathered(self.model):
-            out = generate(self.model, prompt_ids, hp.max_new_tokens, temperature=temperature, top_k=hp.top_k,
-                           top_p=hp.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=int(seed))
+            # Each prompt prefilled once, its cache copied to its num_samples rows (prefix reuse).
+            out = generate(self.model, prompts, hp.max_new_tokens, temperature=temperature, top_k=hp.top_k,
+                           top_p=hp.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=int(seed),
+                           num_samples=num_samples)
         answer_ids = out.as_lists()
         B, device = len(prompt_ids), self.model.output.weight.device
         T = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
@@ -615,10 +620,13 @@ class RLHFModule(L.LightningModule):
         self._val_parts = {}
         self._val_rows = []
 
+    def heldout_seed(self, batch_idx: int) -> int:
+        """Sampling seed of held-out batch ``batch_idx``: the same at every validation (and in the
+        pipeline report), so two evaluations differ by the policy only."""
+        return self.hparams.val_seed * 7919 + batch_idx * 104729 + self.global_rank
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # The same seed stream at every validation: two evaluations differ by the policy only.
-        seed = self.hparams.val_seed * 7919 + batch_idx * 104729 + self.global_rank
-        rollout = self.rollout(batch, seed=seed)
+        rollout = self.rollout(batch, seed=self.heldout_seed(batch_idx))
         parts = self.score(rollout)
         lp = self.evaluate_rollout(rollout, values=False)
         mask = rollout.action_mask
@@ -661,14 +669,15 @@ class RLHFModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """One AdamW over the policy (lr) and the value model (value_lr), constant LR (paper, PPO)."""
+        """One AdamW (or 8-bit AdamW) over the policy (lr) and the value model (value_lr), constant LR
+        (paper, PPO)."""
         assert self.model is not None
         hp = self.hparams
         groups = [{**g, "lr": hp.lr} for g in param_groups(self.model, hp.weight_decay)]
         if self.value_model is not None:
             groups += [{**g, "lr": hp.value_lr or hp.lr} for g in param_groups(self.value_model, hp.weight_decay)]
         groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        return build_optimizer(groups, hp.optimizer, hp.lr, tuple(hp.betas), hp.eps)
 
     # ------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
