@@ -170,3 +170,31 @@ def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
     torch.testing.assert_close(generate(model, PROMPTS, 10, temperature=0.0, output_logits=True, compile=True).logits,
                                updated.logits, atol=1e-4, rtol=1e-4)
     assert not model.has_kv_cache
+
+
+def test_rlhf_rollout_prefills_each_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama2_lightning.modules.rlhf as rlhf
+    from llama2_lightning.rewards import LengthRuleReward
+    from llama2_lightning.tokenizer import Tokenizer
+
+    module = rlhf.RLHFModule(model="tiny", reward=LengthRuleReward(target_length=4), max_new_tokens=6,
+                             algorithm="rejection_sampling")
+    module.configure_model()
+    module.tokenizer = Tokenizer("data/tokenizer.model")
+    calls = []
+    real_generate = rlhf.generate
+
+    def spy(model, prompts, *args, **kwargs):
+        calls.append((len(prompts), kwargs.get("num_samples", 1)))
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "generate", spy)
+    batch = {"prompt_ids": PROMPTS, "messages": [[] for _ in PROMPTS], "is_safety": torch.tensor([0, 1, 0]),
+             "index": torch.tensor([7, 8, 9])}
+    rollout = module.rollout(batch, seed=3, temperature=1.0, num_samples=4)
+    assert calls == [(3, 4)]  # three distinct prompts prefilled, four samples each
+    expected = real_generate(module.model, [p for p in PROMPTS for _ in range(4)], 6, temperature=1.0,
+                             eos_id=module.tokenizer.eos_id, pad_id=module.tokenizer.pad_id, seed=3)
+    assert rollout.answer_ids == expected.as_lists()
+    assert rollout.prompt_ids == [p for p in PROMPTS for _ in range(4)]
+    assert rollout.index.tolist() == [7] * 4 + [8] * 4 + [9] * 4

@@ -48,3 +48,43 @@ def test_adamw_paper_defaults_applied() -> None:
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-5
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         build_optimizer(param_groups(model, 0.1), "sgd", 1e-3, (0.9, 0.95), 1e-5)  # type: ignore[arg-type]
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_8bit_adamw_steps_and_quarters_the_state_of_large_matrices() -> None:
+    pytest.importorskip("bitsandbytes")
+    states = {}
+    for name in ("adamw", "adamw8bit"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 512, bias=False))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = build_optimizer(param_groups(model, 0.1), name, 1e-3, (0.9, 0.95), 1e-5)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        states[name] = optimizer_state_bytes(opt)
+    moments = 2 * 2 * 512 * 512 * 4  # two fp32 moments per weight; the rest is the step counters
+    assert moments <= states["adamw"] < moments + 64
+    assert states["adamw"] / states["adamw8bit"] >= 3.5
+
+
+def test_rlhf_module_takes_the_8bit_optimizer(tmp_path) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from llama2_lightning.modules.rlhf import RLHFModule
+    from llama2_lightning.rewards import LengthRuleReward
+
+    module = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8), optimizer="adamw8bit", lr=1e-5,
+                        value_lr=1e-4)
+    module.configure_model()
+    opt = module.configure_optimizers()
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    assert {g["lr"] for g in opt.param_groups} == {1e-5, 1e-4}  # policy and value model keep their own LRs
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.model.parameters())) + len(
+        list(module.value_model.parameters()))
+    default = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8))
+    default.configure_model()
+    assert type(default.configure_optimizers()) is torch.optim.AdamW
