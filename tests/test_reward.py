@@ -119,7 +119,7 @@ def tiny_module(margin: str = "small") -> RewardModule:
 
 # ---------------------------------------------------------------------------------------------- configs
 def test_configs_exist() -> None:
-    assert {"tiny-helpful", "tiny-safety", "llama2-7b-helpful", "llama2-70b-safety"} <= {p.stem for p in CONFIGS}
+    assert {"tiny-helpful", "tiny-safety", "llama2-7b-helpful", "llama2-7b-safety", "llama2-70b-safety"} <= {p.stem for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -473,7 +473,8 @@ def test_killed_ppo_run_resumes_exactly(tmp_path: Path, tiny_ckpt: Path, prompts
 
 
 def test_configs_exist() -> None:
-    assert {"tiny-ppo-rule", "tiny-ppo", "tiny-rejection-sampling", "llama2-7b-ppo", "llama2-70b-ppo"} <= \
+    assert {"tiny-ppo-rule", "tiny-ppo", "tiny-rejection-sampling", "llama2-7b-ppo", "llama2-70b-ppo",
+            "llama2-7b-rejection-sampling"} <= \
         {p.stem for p in CONFIGS}
 
 
@@ -508,22 +509,33 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path, rm_ckp
     if hp.algorithm == "ppo":
         assert hp.clip_eps == 0.2  # paper
         assert "EarlyStopping" in callbacks and callbacks["EarlyStopping"].monitor == "val/reward"
+    if big and hp.algorithm == "rejection_sampling":
+        rs = callbacks["RejectionSamplingCallback"]
+        assert rs.num_samples >= 10 and rs.train_on == "pool"  # paper: 10-100 samples, best of all rounds
+        assert rs.temperature_for(0) == 1.0 and rs.temperature_for(10) == pytest.approx(1.3)  # paper, Figure 8
+        assert raw["trainer"]["max_epochs"] == 1  # one round per run; the pipeline chains V1..V4
     if big:
         preset = args["model"]
-        ppo = callbacks["PPOCallback"]
-        assert ppo.kl_controller.beta == (0.005 if preset == "llama2-70b" else 0.01)  # paper
-        assert hp.lr == 1e-6 and hp.ppo_epochs == 1 and hp.frozen_dtype == "bfloat16"  # paper LR
         t = raw["trainer"]
         ranks = t["num_nodes"] * t["devices"]
-        assert raw["data"]["init_args"]["batch_size"] == 512  # prompts per iteration (global)
+        assert hp.lr == 1e-6 and hp.frozen_dtype == "bfloat16"
         assert hp.minibatch_size * ranks == 64  # paper: minibatch 64
+    if big and hp.algorithm == "ppo":
+        ppo = callbacks["PPOCallback"]
+        assert ppo.kl_controller.beta == (0.005 if preset == "llama2-70b" else 0.01)  # paper
+        assert hp.ppo_epochs == 1  # paper: one gradient step per minibatch
+        assert raw["data"]["init_args"]["batch_size"] == 512  # prompts per iteration (global)
         assert 200 <= t["max_epochs"] <= 400
+    if big:
         with torch.device("meta"):
             module.configure_model()
         assert module.model.num_parameters() == PAPER_COUNTS[preset]
         assert all(not p.requires_grad for p in module.ref_model.parameters())
         assert next(module.ref_model.parameters()).dtype == torch.bfloat16
-        assert module.value_model.trunk.config == module.config
+        if hp.algorithm == "ppo":
+            assert module.value_model.trunk.config == module.config
+        else:
+            assert module.value_model is None
 
 
 @pytest.mark.parametrize("name", ["tiny-ppo-rule", "tiny-ppo", "tiny-rejection-sampling"])
