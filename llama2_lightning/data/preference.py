@@ -64,6 +64,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import Message, encode_dialog
+from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import hh_pair_to_prompt_and_answers, read_jsonl
 from llama2_lightning.rlhf.ranking import MARGINS
@@ -92,33 +93,13 @@ class SourceSpec:
 
 def parse_sources(sources: Sequence[Mapping[str, Any]], key: str = "sources") -> list[SourceSpec]:
     """Validate a config's list of source dicts; errors name the entry, the key and the allowed values."""
-    if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence):
-        raise ValueError(f"{key} must be a list of dicts like {{path: ..., format: pairs}}, got {sources!r}")
     specs: list[SourceSpec] = []
-    for i, entry in enumerate(sources):
-        where = f"{key}[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a dict with a 'path', got {entry!r}")
-        unknown = sorted(set(entry) - set(_SOURCE_KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(_SOURCE_KEYS)}")
-        if not isinstance(entry.get("path"), (str, Path)) or not str(entry["path"]):
-            raise ValueError(f"{where}.path is required: a JSONL file (plain or .gz)")
-        fmt = entry.get("format", "pairs")
-        if fmt not in SOURCE_FORMATS:
-            raise ValueError(f"{where}.format is {fmt!r}; allowed: {', '.join(SOURCE_FORMATS)}")
-        weight = entry.get("weight")
+    for e in source_entries(sources, key, _SOURCE_KEYS, SOURCE_FORMATS, "pairs"):
+        weight = e.raw.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
-            raise ValueError(f"{where}.weight must be a number >= 0 or null (use the source whole), got {weight!r}")
-        is_safety = entry.get("is_safety")
-        if is_safety is not None and not isinstance(is_safety, bool):
-            raise ValueError(f"{where}.is_safety must be true, false or null, got {is_safety!r}")
-        limit = entry.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"{where}.limit must be an integer >= 1 or null, got {limit!r}")
-        path = Path(entry["path"])
-        name = entry.get("name") or path.name.split(".")[0]
-        specs.append(SourceSpec(path, fmt, None if weight is None else float(weight), is_safety, str(name), limit))
+            raise ValueError(f"{e.where}.weight must be a number >= 0 or null (use the source whole), got {weight!r}")
+        specs.append(SourceSpec(e.path, e.format, None if weight is None else float(weight), e.is_safety, e.name,
+                                e.limit))
     return specs
 
 

@@ -55,6 +55,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
 from llama2_lightning.tokenizer import Tokenizer
@@ -85,36 +86,15 @@ class PromptSource:
 
 def parse_prompt_sources(sources: Sequence[Mapping[str, Any]], key: str = "sources") -> list[PromptSource]:
     """Validate a config's list of source dicts; errors name the entry, the key and the allowed values."""
-    if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence):
-        raise ValueError(f"{key} must be a list of dicts like {{path: ..., format: prompts}}, got {sources!r}")
     specs: list[PromptSource] = []
-    for i, entry in enumerate(sources):
-        where = f"{key}[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a dict with a 'path', got {entry!r}")
-        unknown = sorted(set(entry) - set(_SOURCE_KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(_SOURCE_KEYS)}")
-        if not isinstance(entry.get("path"), (str, Path)) or not str(entry["path"]):
-            raise ValueError(f"{where}.path is required")
-        fmt = entry.get("format", "prompts")
-        if fmt not in PROMPT_FORMATS:
-            raise ValueError(f"{where}.format is {fmt!r}; allowed: {', '.join(PROMPT_FORMATS)}")
-        is_safety = entry.get("is_safety")
-        if is_safety is not None and not isinstance(is_safety, bool):
-            raise ValueError(f"{where}.is_safety must be true, false or null, got {is_safety!r}")
-        if fmt == "hh" and is_safety is None:
-            raise ValueError(f"{where}: an hh source needs is_safety (true for the harmless file, false for the "
+    for e in source_entries(sources, key, _SOURCE_KEYS, PROMPT_FORMATS, "prompts"):
+        if e.format == "hh" and e.is_safety is None:
+            raise ValueError(f"{e.where}: an hh source needs is_safety (true for the harmless file, false for the "
                              "helpful one); the file itself does not say which it is")
-        limit = entry.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"{where}.limit must be an integer >= 1 or null, got {limit!r}")
-        label = entry.get("label")
-        if label is not None and (fmt != "xstest" or label not in ("safe", "unsafe")):
-            raise ValueError(f"{where}.label is {label!r}: only xstest sources take a label, 'safe' or 'unsafe'")
-        path = Path(entry["path"])
-        name = entry.get("name") or path.name.split(".")[0]
-        specs.append(PromptSource(path, fmt, is_safety, str(name), limit, label))
+        label = e.raw.get("label")
+        if label is not None and (e.format != "xstest" or label not in ("safe", "unsafe")):
+            raise ValueError(f"{e.where}.label is {label!r}: only xstest sources take a label, 'safe' or 'unsafe'")
+        specs.append(PromptSource(e.path, e.format, e.is_safety, e.name, e.limit, label))
     return specs
 
 
