@@ -119,10 +119,14 @@ def test_fsdp_two_processes_hold_half_and_match_single_process(tmp_path: Path) -
     proc = subprocess.run(
         [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(ROOT / "configs/pretrain/tiny-fsdp.yaml"),
          *common, "--data.init_args.batch_size=2", f"--trainer.default_root_dir={tmp_path / 'fsdp'}",
-         "--trainer.callbacks+=recorder.Recorder", f"--trainer.callbacks.out_dir={tmp_path / 'fsdp_rec'}"],
+         "--trainer.callbacks+=recorder.Recorder", f"--trainer.callbacks.out_dir={tmp_path / 'fsdp_rec'}",
+         # sampling from the sharded model mid-run (all ranks generate, rank 0 prints) must not hang or fail
+         "--trainer.callbacks+=llama2_lightning.callbacks.GenerationSamples", "--trainer.callbacks.every_n_steps=2",
+         "--trainer.callbacks.max_new_tokens=4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("[step 2] ") == 2 and proc.stdout.count("[step 3] ") == 2  # 2 prompts, at step 2 and end
     ranks = [json.loads((tmp_path / "fsdp_rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["sharded"]

@@ -44,7 +44,6 @@ Models
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from torchmetrics import MeanMetric
 
 from llama2_lightning.chat import Message
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import data_parallel_mesh, resolve_dtype, shard_transformer
+from llama2_lightning.distributed import data_parallel_mesh, gathered, resolve_dtype, shard_transformer
 from llama2_lightning.generation import generate
 from llama2_lightning.heads import ScalarModel
 from llama2_lightning.model import Transformer
@@ -160,32 +159,6 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     and a 4,096-token rollout is the largest tensor of the step."""
     logits = logits.float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-@contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[None]:
-    """Hold an FSDP2-sharded model's full weights for the duration (no-op when unsharded).
-
-    Token-by-token generation runs one forward per new token; sharded, each would all-gather every
-    block's weights again (the paper measured naive FSDP generation ~20x slower), and ranks whose
-    rows all hit EOS early would stop calling forward and leave the others waiting in a collective.
-    Gathering once up front makes every generation forward local.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
-        yield
-        return
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
 
 
 # ---------------------------------------------------------------------------------------------- module
