@@ -1,0 +1,75 @@
+"""Figure (a): training step tokens/s, ours vs transformers' LlamaForCausalLM (sdpa), same weights.
+
+Forward + cross-entropy + backward (no optimiser), ours and theirs interleaved repetition by repetition;
+medians. ``--compile`` adds a row with each of our blocks through ``torch.compile`` (the first call,
+which compiles, is untimed and reported). ``--quick``: tiny preset, seconds, numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, common_arguments, format_table, interleaved,
+    logits_max_diff, print_machine, train_step_ours, train_step_theirs,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="llama-100m")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
+    p.add_argument("--quick", action="store_true", help="tiny preset, batch 2 x 16, 1 repeat (smoke test)")
+    return common_arguments(p)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.preset, args.batch, args.seq_len, args.repeats, args.warmup = "tiny", 2, 16, 1, 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    ours, theirs = build_models(args.preset, args.seed)
+    print_machine(ours, args.preset)
+    diff = logits_max_diff(ours, theirs, batch=2, seq_len=min(64, args.seq_len))
+    if diff >= LOGITS_TOLERANCE:
+        raise SystemExit(f"logits differ by {diff:.2e}: the weight copy is wrong")
+    print(f"logits parity: max |ours - theirs| = {diff:.2e}")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    data = torch.randint(3, ours.config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    ours.train()
+    theirs.train()
+    clock = CLOCKS[args.clock]
+    rows = [Measurement(f"training step fp32, batch {args.batch} x seq {args.seq_len}", x.numel())]
+    losses = interleaved(rows[0], lambda: train_step_ours(ours, x, y), lambda: train_step_theirs(theirs, x, y),
+                         args.repeats, args.warmup, clock=clock)
+    compile_s = None
+    if args.compile:
+        for block in ours.layers:
+            block.compile()
+        start = time.perf_counter()
+        train_step_ours(ours, x, y)
+        compile_s = time.perf_counter() - start
+        print(f"  compiling the blocks (first step): {compile_s:.1f}s")
+        rows.append(Measurement(f"training step fp32, compiled blocks, batch {args.batch} x seq {args.seq_len}",
+                                x.numel()))
+        interleaved(rows[1], lambda: train_step_ours(ours, x, y), lambda: train_step_theirs(theirs, x, y),
+                    args.repeats, 0, clock=clock)
+    table = format_table(rows)
+    print(f"\n{table}")
+    return {"table": table, "measurements": rows, "logits_max_diff": diff, "loss": losses, "compile_s": compile_s}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Every per-figure benchmark script (benchmarks/bench_*.py, gpu_check.sh): argument handling and the
+rows of its table, on --quick sizes in seconds. No timing assertions: only that each figure is
+computed, named and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def _rows(table: str) -> list[list[str]]:
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _check_ratio_rows(table: str, names: list[str]) -> None:
+    rows = _rows(table)
+    assert [any(n in r[0] for r in rows) for n in names] == [True] * len(names), table
+    for _, ours, theirs, ratio in rows:
+        assert float(ours) > 0 and float(theirs) > 0
+        assert float(ratio) == pytest.approx(float(ours) / float(theirs), rel=0.05, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["bench_train", "bench_generate", "bench_best_of_k", "bench_mfu", "bench_memory",
+                                  "bench_ppo"])
+def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load(name)
+    with pytest.raises(SystemExit) as ok:
+        bench.main(["--help"])
+    assert ok.value.code == 0 and "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        bench.main(["--no-such-flag"])
+    assert bad.value.code == 2
+
+
+def test_bench_train_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    result = _load("bench_train").main(["--quick"])
+    _check_ratio_rows(result["table"], ["training step fp32"])
+    loss_ours, loss_theirs = result["loss"]
+    assert loss_ours == pytest.approx(loss_theirs, abs=1e-4)  # same weights, same batch
+    assert "| measurement | ours tok/s | transformers tok/s | ours/theirs |" in capsys.readouterr().out
+
+
+def test_bench_generate_quick() -> None:
+    pytest.importorskip("transformers")
+    result = _load("bench_generate").main(["--quick", "--no-compile"])
+    _check_ratio_rows(result["table"], ["greedy generation (eager)"])
+    assert len(_rows(result["table"])) == 1
+    assert result["tokens_identical"] == {"eager": True}
+
+
+def test_bench_best_of_k_quick() -> None:
+    result = _load("bench_best_of_k").main(["--quick", "--shapes", "8:4,12:3"])
+    rows = _rows(result["table"])
+    assert [r[0] for r in rows] == ["best-of-3, 2 prompts x 8 tokens, 4 new tokens",
+                                    "best-of-3, 2 prompts x 12 tokens, 3 new tokens"]
+    _check_ratio_rows(result["table"], ["best-of-3"])
+    assert result["samples_identical"] == [True, True]
+
+
+def test_bench_mfu_quick() -> None:
+    pytest.importorskip("transformers")
+    bench = _load("bench_mfu")
+    result = bench.main(["--quick", "--dtypes", "fp32,bf16"])
+    rows = _rows(result["table"])
+    assert [r[0].split(",")[0] for r in rows] == ["fp32", "bf16"]
+    for name, row in zip(["fp32", "bf16"], rows):
+        r = result["results"][name]
+        assert r["peak_flops"] > 0
+        assert r["ours_mfu"] == pytest.approx(r["measurement"].ours_tok_s * result["flops_per_token"] / r["peak_flops"])
+        assert row[3] == f"{r['ours_mfu']:.1%}"
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.main(["--quick", "--dtypes", "fp8"])
+
+
+def test_bench_memory_quick() -> None:
+    pytest.importorskip("bitsandbytes")
+    result = _load("bench_memory").main(["--quick"])
+    m = result["results"]["tiny"]
+    assert m["grads"] == m["weights"] > 0
+    assert 2 * m["weights"] <= m["adamw"] < 2 * m["weights"] + 4096  # two fp32 moments (+ step counters)
+    assert m["adamw8bit"] < m["adamw"]
+    assert m["frozen_bf16"] < 0.6 * m["frozen_fp32"]  # half, plus the RoPE table that stays complex64
+    assert 0 < m["frozen_int8"] < m["frozen_fp32"]
+    assert m["rm_activations"] > m["activations"] > 0  # twice the sequences save more
+    stages = [r[1] for r in _rows(result["stage_table"])]
+    assert len(stages) == 8 and sum("PPO step" in s for s in stages) == 4
+    for row in _rows(result["stage_table"]):
+        parts = [float(c.replace(",", "")) for c in row[2:7] if c != "-"]
+        assert float(row[7].replace(",", "")) == pytest.approx(sum(parts), abs=0.3)
+
+
+def test_bench_ppo_quick() -> None:
+    result = _load("bench_ppo").main(["--quick"])
+    rows = _rows(result["table"])
+    assert [r[0] for r in rows] == ["generation", "scoring", "optimisation", "total"]
+    seconds = result["seconds"]
+    assert all(seconds[k] > 0 for k in ("generation", "scoring", "optimisation"))
+    assert float(rows[-1][1]) == pytest.approx(sum(seconds.values()), abs=2e-3)
+
+
+def test_gpu_check_script_arguments(tmp_path: Path) -> None:
+    script = BENCH / "gpu_check.sh"
+    run = lambda *a: subprocess.run(["bash", str(script), *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    helped = run("--help")
+    assert helped.returncode == 0 and "--dry-run" in helped.stdout and "--device" in helped.stdout
+    dry = run("--dry-run")
+    assert dry.returncode == 0 and "1.1" in dry.stdout and "B parameters" in dry.stdout  # the ~1B config
+    assert run("--device", "tpu").returncode == 2
+    cpu = run("--device", "cpu", "--no-compile")
+    assert cpu.returncode == 0, cpu.stderr
+    rows = _rows(cpu.stdout[cpu.stdout.index("| measurement"):])
+    assert rows[0][0].startswith("bf16 training step") and "MFU" in rows[0][2]
+    assert rows[1][0] == "decode, batch 2, eager" and "of roofline" in rows[1][2]
