@@ -145,3 +145,42 @@ def test_fsdp_two_processes_hold_half_and_match_single_process(tmp_path: Path) -
     sharded_mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert len(single) == len(sharded_mean) == 3
     torch.testing.assert_close(torch.tensor(sharded_mean), torch.tensor(single), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_after_a_sharded_checkpoint_resumes_exactly(tmp_path: Path) -> None:
+    """Two processes, FSDP2: a crash after the step-2 sharded checkpoint, then --ckpt_path last, gives
+    every rank the same later losses as the uninterrupted sharded run."""
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    model = Transformer.from_name("tiny")
+    save_hf(model.config, model.state_dict(), init)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    raw = yaml.safe_load((ROOT / "configs/pretrain/tiny-fsdp.yaml").read_text())
+    [ckpt] = [c for c in raw["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    ckpt["init_args"]["every_n_train_steps"] = 2  # a sharded checkpoint at steps 2 and 4
+    config = tmp_path / "tiny-fsdp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def run(name: str, rec: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(config),
+             "--model.init_args.model=tiny", f"--model.init_args.init_from={init}", "--data.init_args.max_seq_len=32",
+             f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=2",
+             "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+             "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / name}",
+             "--model.init_args.warmup_steps=2", f"--trainer.default_root_dir={tmp_path / name}",
+             "--trainer.callbacks+=recorder.Recorder", f"--trainer.callbacks.out_dir={tmp_path / rec}", *extra],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    full = run("a", "a_rec")
+    assert full.returncode == 0, full.stderr[-4000:]
+    crashed = run("b", "b_rec1", "--trainer.callbacks+=recorder.Interrupt", "--trainer.callbacks.at_step=2")
+    assert crashed.returncode != 0 and "interrupted at step 2" in crashed.stderr
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # sharded: a directory
+    resumed = run("b", "b_rec2", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for rank in (0, 1):
+        a = json.loads((tmp_path / "a_rec" / f"rank{rank}.json").read_text())["losses"]
+        b = json.loads((tmp_path / "b_rec2" / f"rank{rank}.json").read_text())["losses"]
+        assert len(a) == 4 and b == a[2:], f"rank {rank}: the resumed run must continue with the same losses"
