@@ -13,9 +13,9 @@ from collections.abc import Callable
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_cli(argv: list[str], run: bool = True):
+def lightning_cli(argv: list[str] | None, run: bool = True):
     """LightningCLI over any of our modules and datamodules; ``run=False`` only instantiates
-    (``argv`` then starts at the options, without the subcommand)."""
+    (``argv`` then starts at the options, without the subcommand). ``argv=None`` reads ``sys.argv``."""
     import os
 
     # wandb never reaches the network unless the user asks for it with WANDB_MODE=online.
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_SUBCOMMANDS:
-        lightning_cli(argv)
+        # From the console, LightningCLI reads sys.argv itself (given both, it warns about a mistake).
+        lightning_cli(None if argv == sys.argv[1:] else argv)
         return 0
     if command not in tools:
         print(f"llama2-lightning: unknown command {command!r}; expected one of "

@@ -398,8 +398,12 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
                            [[k, f"{base[k][0]:.3f} ± {base[k][1]:.3f}", f"{final[k][0]:.3f} ± {final[k][1]:.3f}"]
                             for k in base]), ""]
         diff = final["reward"][0] - base["reward"][0]
+        lb, lf = base["answer length (chars)"][0], final["answer length (chars)"][0]
         lines += [f"Mean combined reward: {base['reward'][0]:.3f} → {final['reward'][0]:.3f} "
-                  f"({'+' if diff >= 0 else ''}{diff:.3f}).", ""]
+                  f"({'+' if diff >= 0 else ''}{diff:.3f}). Mean answer length: {lb:.0f} → {lf:.0f} characters. "
+                  "A policy optimised against a reward model learns whatever that model rewards, including its "
+                  "blind spots (the paper's reason for early stopping and the KL penalty): read this reward "
+                  "next to the reward models' accuracy above and the answers below.", ""]
         rows = []
         for a, b in list(zip(comparison["baseline"]["answers"], comparison["final"]["answers"]))[: options["table_rows"]]:
             rows.append([a.prompt + (" *(safety)*" if a.is_safety else ""), a.answer,
