@@ -357,7 +357,10 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
                            [[n, *[_num(acc.get(c)) for c in cols]] for n, acc in rms]), "",
                   "Held-out pairs: each source's share set by `val_fraction`, chosen by content, so both reward "
                   "models are evaluated on the same pairs. Chance is 0.5. Anthropic HH pairs carry no rating, so "
-                  "every pair has margin label `none` (the margin term is 0).", ""]
+                  "every pair has margin label `none` (the margin term is 0). Read each model on its own source "
+                  "(helpfulness on `hh_helpful`, safety on `hh_harmless`): on the other's data a model can fall "
+                  "below chance, the tension between helpfulness and safety that made the paper train two reward "
+                  "models (section 3.2.2).", ""]
 
     # RLHF
     rl = [(n, kinds[n], metrics[n]) for n in names if kinds[n] in ("ppo", "rejection_sampling")]
