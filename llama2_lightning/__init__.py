@@ -5,4 +5,4 @@ from llama2_lightning.model import Transformer
 from llama2_lightning.tokenizer import Tokenizer
 
 __all__ = ["LlamaConfig", "Transformer", "Tokenizer"]
-__version__ = "0.0.1"
+__version__ = "0.1.0"
