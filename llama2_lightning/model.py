@@ -12,6 +12,8 @@ D head dim, C model dim, V vocabulary.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -146,8 +148,11 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # `model.to(torch.bfloat16)` casts complex buffers too; positions up to 4,096 need the RoPE
-        # angles in full precision, so rebuild the table wherever it has been moved.
-        super()._apply(fn, recurse)
+        # angles in full precision, so rebuild the table wherever it has been moved. The cast's warning
+        # about discarding the imaginary part is moot for a table rebuilt right after.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Casting complex values to real", category=UserWarning)
+            super()._apply(fn, recurse)
         if self.freqs_cis.dtype != torch.complex64:
             self.freqs_cis = torch.empty_like(self.freqs_cis, dtype=torch.complex64)
             if not self.freqs_cis.is_meta:
