@@ -340,7 +340,7 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
         for n, r in lm:
             rows.append([n, _num(series(r, "train/loss")[1][0] if series(r, "train/loss")[1] else None),
                          _num(last_value(r, "train/loss")), _num(last_value(r, "val/loss")),
-                         _num(last_value(r, "val/bpb")), _num(last_value(r, "val/accuracy"))])
+                         _num(last_value(r, "val/bpb")), _num(last_value(r, "val/acc"))])  # SFTModule's name
         lines += [md_table(["stage", "first train loss", "last train loss", "val loss", "val bits/byte",
                             "val answer-token accuracy"], rows), ""]
 
