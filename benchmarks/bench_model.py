@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (  # noqa: E402  (re-exported: tests/test_bench_model.py uses to_hf_state_dict)
+from benchlib import (  # noqa: E402, F401  (re-exported: tests/test_bench_model.py uses to_hf_state_dict)
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, cpu_model, format_table, generate_ours, generate_theirs,
     interleaved, load_average, logits_max_diff, to_hf_state_dict, train_step_ours, train_step_theirs,
 )

@@ -5,7 +5,6 @@ computed, named and consistent."""
 from __future__ import annotations
 
 import importlib.util
-import re
 import subprocess
 import sys
 from pathlib import Path

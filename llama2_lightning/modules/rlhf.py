@@ -53,7 +53,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 
 from llama2_lightning.chat import Message
