@@ -63,14 +63,9 @@ class SampleCallback(L.Callback):
         if max_new < 1:
             raise ValueError(f"{type(self).__name__}: a prompt of {max(len(p) for p in prompts)} tokens leaves no "
                              f"room in the model's max_seq_len={model.config.max_seq_len}")
-        was_training = model.training
-        model.eval()
-        try:
-            with gathered(model):
-                out = generate(model, prompts, max_new, temperature=self.temperature, top_p=self.top_p,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=self.seed)
-        finally:
-            model.train(was_training)
+        with gathered(model):  # generate() itself switches to eval mode and back
+            out = generate(model, prompts, max_new, temperature=self.temperature, top_p=self.top_p,
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=self.seed)
         texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.as_lists()]
         step = trainer.global_step
         self.history.extend((step, p, t) for p, t in zip(self.prompts, texts))
