@@ -142,6 +142,7 @@ def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = _tools()
     if not argv or argv[0] in ("-h", "--help"):
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_SUBCOMMANDS:
         # From the console, LightningCLI reads sys.argv itself (given both, it warns about a mistake).
-        lightning_cli(None if argv == sys.argv[1:] else argv)
+        lightning_cli(None if from_console else argv)
         return 0
     if command not in tools:
         print(f"llama2-lightning: unknown command {command!r}; expected one of "
