@@ -409,10 +409,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _split(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:
         """Held-out split by content (``data.split``); duplicates land on the same side."""
-        val_keys = heldout_keys([p.key for p in pairs], self.val_fraction, self.seed)
-        train = [p for p in pairs if p.key not in val_keys]
-        val = [p for p in pairs if p.key in val_keys]
-        return train, val
+        keys = [p.key for p in pairs]  # two id tuples each: built once
+        val_keys = heldout_keys(keys, self.val_fraction, self.seed)
+        return ([p for p, k in zip(pairs, keys) if k not in val_keys],
+                [p for p, k in zip(pairs, keys) if k in val_keys])
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:

@@ -396,8 +396,10 @@ class PromptDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------- setup
     def _split(self, prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
         """Held-out split by content (``data.split``): the same prompts whichever position the source has."""
-        val_keys = heldout_keys([p.key for p in prompts], self.val_fraction, self.seed)
-        return [p for p in prompts if p.key not in val_keys], [p for p in prompts if p.key in val_keys]
+        keys = [p.key for p in prompts]  # a JSON dump each: computed once
+        val_keys = heldout_keys(keys, self.val_fraction, self.seed)
+        return ([p for p, k in zip(prompts, keys) if k not in val_keys],
+                [p for p, k in zip(prompts, keys) if k in val_keys])
 
     def _encode(self, prompt: Prompt) -> list[int]:
         messages = prompt.messages
