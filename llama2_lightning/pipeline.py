@@ -106,9 +106,8 @@ def load_pipeline(path: str | os.PathLike[str], run_dir: str | None = None) -> P
         raise PipelineError(f"{path}: unknown key(s) {unknown}; allowed: {', '.join(_TOP_KEYS)}")
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise PipelineError(f"{path}: 'stages' must be a non-empty list")
-    for key in ("set",):
-        if not isinstance(raw.get(key) or {}, dict):
-            raise PipelineError(f"{path}: '{key}' must be a mapping of dotted keys to values")
+    if not isinstance(raw.get("set") or {}, dict):
+        raise PipelineError(f"{path}: 'set' must be a mapping of dotted keys to values")
     stages: list[Stage] = []
     for i, entry in enumerate(raw["stages"]):
         where = f"{path}: stages[{i}]"
@@ -219,8 +218,11 @@ def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
     import csv
 
     rows: list[dict[str, float]] = []
-    versions = sorted((stage_dir / "csv").glob("version_*/metrics.csv"),
-                      key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else 0)
+    def version(path: Path) -> int:  # version_10 after version_9
+        number = path.parent.name.removeprefix("version_")
+        return int(number) if number.isdigit() else 0
+
+    versions = sorted((stage_dir / "csv").glob("version_*/metrics.csv"), key=version)
     for path in versions:
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
@@ -242,8 +244,11 @@ def last_value(rows: list[dict[str, float]], metric: str) -> float | None:
     return None
 
 
-def _fmt_time(seconds: float) -> str:
+def format_duration(seconds: float, spaced: bool = False) -> str:
+    """``3m11s`` (progress lines), or ``3 min 11 s`` with ``spaced`` (report prose)."""
     m, s = divmod(int(round(seconds)), 60)
+    if spaced:
+        return f"{m} min {s:02d} s" if m else f"{s} s"
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
@@ -338,14 +343,14 @@ def run_pipeline(pipe: Pipeline, from_stage: str | None = None, report: bool = T
         os.replace(d / (MARKER + ".tmp"), marker)
         records[stage.name] = record
         shown = f"  {stage.metric}={value:.4g}" if value is not None else ""
-        print_fn(f"{head} done in {_fmt_time(elapsed)} (pipeline {_fmt_time(time.perf_counter() - start)}){shown}")
+        print_fn(f"{head} done in {format_duration(elapsed)} (pipeline {format_duration(time.perf_counter() - start)}){shown}")
     if report and pipe.report is not None:
         from llama2_lightning.report import write_report
 
         t0 = time.perf_counter()
         path = write_report(pipe, print_fn=print_fn)
-        print_fn(f"report: {path} ({_fmt_time(time.perf_counter() - t0)}; pipeline "
-                 f"{_fmt_time(time.perf_counter() - start)})")
+        print_fn(f"report: {path} ({format_duration(time.perf_counter() - t0)}; pipeline "
+                 f"{format_duration(time.perf_counter() - start)})")
     return records
 
 
@@ -366,9 +371,9 @@ def cli_pipeline(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args.config, args.run_dir)
         if args.dry_run:
-            for stage in pipe.stages:
+            for stage, config in zip(pipe.stages, stage_configs(pipe).values()):
                 print(f"# --- stage {stage.name} ({stage.config})")
-                print(yaml.safe_dump(stage_config(pipe, stage, check_inputs=False), sort_keys=False))
+                print(yaml.safe_dump(config, sort_keys=False))
             return 0
         if args.report_only:
             from llama2_lightning.report import write_report
@@ -388,4 +393,4 @@ def stage_configs(pipe: Pipeline) -> Mapping[str, dict[str, Any]]:
 
 
 __all__ = ["Pipeline", "Stage", "PipelineError", "load_pipeline", "set_key", "stage_config", "stage_configs",
-           "run_pipeline", "read_metrics", "last_value", "cli_pipeline"]
+           "run_pipeline", "read_metrics", "last_value", "format_duration", "cli_pipeline"]

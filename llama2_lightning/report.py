@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from llama2_lightning.pipeline import MARKER, STAGE_CONFIG, Pipeline, last_value, read_metrics, stage_config
+from llama2_lightning.pipeline import (
+    MARKER, STAGE_CONFIG, Pipeline, format_duration, last_value, read_metrics, stage_config,
+)
 
 if TYPE_CHECKING:
     from llama2_lightning.data.prompts import PromptDataModule
@@ -294,13 +296,6 @@ def _num(v: float | None, fmt: str = ".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
-
-
 def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Path:
     """Write ``<run_dir>/report.md`` (and PNGs beside it) for the stages that have finished."""
     options = {**REPORT_DEFAULTS, **(pipe.report or {})}
@@ -323,9 +318,9 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
     total = sum(r["elapsed_s"] for r in records.values())
     lines += ["## Stages", "", md_table(
         ["stage", "kind", "config", "time", "metric", "value", "checkpoint"],
-        [[n, kinds[n], f"`{pipe.stage(n).config}`", _fmt_time(records[n]["elapsed_s"]) if n in records else "not run",
+        [[n, kinds[n], f"`{pipe.stage(n).config}`", format_duration(records[n]["elapsed_s"], spaced=True) if n in records else "not run",
           records.get(n, {}).get("metric") or "", _num(records.get(n, {}).get("value"), ".4g"),
-          f"`{pipe.output(n)}`"] for n in names]), "", f"Total stage time: {_fmt_time(total)}.", ""]
+          f"`{pipe.output(n)}`"] for n in names]), "", f"Total stage time: {format_duration(total, spaced=True)}.", ""]
     if plt is None:
         lines += ["*Plots skipped: matplotlib is not installed (`pip install llama2-lightning[report]`).*", ""]
 
