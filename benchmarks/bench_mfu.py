@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, Measurement, build_models, common_arguments, interleaved, markdown_table, print_machine,
-    train_step_ours, train_step_theirs,
+    next_token_batch, train_step_ours, train_step_theirs,
 )
 
 from llama2_lightning.callbacks.throughput import measure_matmul_peak  # noqa: E402
@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ours.train()
     theirs.train()
     g = torch.Generator().manual_seed(args.seed + 1)
-    data = torch.randint(3, ours.config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    x, y = next_token_batch(ours.config.vocab_size, args.batch, args.seq_len, g)
     flops_per_token = ours.flops_per_token(args.seq_len)
     rows, out = [], {}
     for name in dtypes:

@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402, F401  (re-exported: tests/test_bench_model.py uses to_hf_state_dict)
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, cpu_model, format_table, generate_ours, generate_theirs,
-    interleaved, load_average, logits_max_diff, to_hf_state_dict, train_step_ours, train_step_theirs,
+    interleaved, load_average, logits_max_diff, next_token_batch, to_hf_state_dict, train_step_ours,
+    train_step_theirs,
 )
 
 
@@ -86,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"logits differ by {diff:.2e} >= {LOGITS_TOLERANCE:g}: the weight copy is wrong, not timing")
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    data = torch.randint(3, config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    x, y = next_token_batch(config.vocab_size, args.batch, args.seq_len, g)
     prompts = torch.randint(3, config.vocab_size, (args.gen_batch, args.prompt_len), generator=g)
 
     train = Measurement(f"training step (fwd+bwd), batch {args.batch} x seq {args.seq_len}", args.batch * args.seq_len)

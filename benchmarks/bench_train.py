@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, common_arguments, format_table, interleaved,
-    logits_max_diff, print_machine, train_step_ours, train_step_theirs,
+    logits_max_diff, next_token_batch, print_machine, train_step_ours, train_step_theirs,
 )
 
 
@@ -46,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"logits differ by {diff:.2e}: the weight copy is wrong")
     print(f"logits parity: max |ours - theirs| = {diff:.2e}")
     g = torch.Generator().manual_seed(args.seed + 1)
-    data = torch.randint(3, ours.config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    x, y = next_token_batch(ours.config.vocab_size, args.batch, args.seq_len, g)
     ours.train()
     theirs.train()
     clock = CLOCKS[args.clock]

@@ -92,6 +92,13 @@ def build_models(preset: str, seed: int = 0) -> tuple[Transformer, torch.nn.Modu
     return ours, theirs
 
 
+def next_token_batch(vocab_size: int, batch: int, seq_len: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (no special tokens) as a language-model batch: inputs and next-token targets, (B, T) each."""
+    data = torch.randint(3, vocab_size, (batch, seq_len + 1), generator=generator)  # (B, T + 1)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
 @torch.no_grad()
 def logits_max_diff(ours: Transformer, theirs: torch.nn.Module, batch: int, seq_len: int, seed: int = 1) -> float:
     ours.eval()

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from scripts import load_script
 
 pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+def _load_bench() -> ModuleType:
+    return load_script(SCRIPT)
 
 
 def _positive(cell: str) -> float:

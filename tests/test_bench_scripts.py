@@ -4,26 +4,18 @@ computed, named and consistent."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+def _load(name: str) -> ModuleType:
+    return load_script(BENCH / f"{name}.py")
 
 
 def _rows(table: str) -> list[list[str]]:
