@@ -68,19 +68,23 @@ def to_hf_state_dict(config: LlamaConfig, state_dict: dict[str, torch.Tensor]) -
     return out
 
 
-def build_models(preset: str, seed: int = 0) -> tuple[Transformer, torch.nn.Module]:
-    """Ours with a fixed seed, and transformers' LlamaForCausalLM (sdpa, fp32) holding the same weights."""
+def build_models(preset: str | LlamaConfig, seed: int = 0,
+                 device: torch.device | str = "cpu") -> tuple[Transformer, torch.nn.Module]:
+    """Ours with a fixed seed, and transformers' LlamaForCausalLM (sdpa, fp32) holding the same weights,
+    both built on ``device``. ``preset``: a preset name or a config."""
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig.from_name(preset)
-    ours = Transformer(config).float()
+    config = LlamaConfig.from_name(preset) if isinstance(preset, str) else preset
+    with torch.device(device):
+        ours = Transformer(config).float()
     hf_fields = config.to_hf_config()
     for key in ("architectures", "model_type", "torch_dtype"):
         hf_fields.pop(key, None)
     hf_config = HFLlamaConfig(**hf_fields, use_cache=True, attn_implementation="sdpa")
-    theirs = LlamaForCausalLM(hf_config).float()
+    with torch.device(device):
+        theirs = LlamaForCausalLM(hf_config).float()
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(config, ours.state_dict()), strict=False)
     # rotary inv_freq is a non-persistent buffer; nothing else may be left over
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
@@ -104,7 +108,7 @@ def logits_max_diff(ours: Transformer, theirs: torch.nn.Module, batch: int, seq_
     ours.eval()
     theirs.eval()
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, ours.config.vocab_size, (batch, seq_len), generator=g)
+    tokens = torch.randint(3, ours.config.vocab_size, (batch, seq_len), generator=g).to(ours.output.weight.device)
     a = ours(tokens)
     b = theirs(input_ids=tokens, use_cache=False).logits
     return float((a - b).abs().max())

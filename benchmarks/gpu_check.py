@@ -1,28 +1,36 @@
-"""The body of ``gpu_check.sh``: bf16 training MFU and decode tokens/s vs the bandwidth roofline.
+"""The body of ``gpu_check.sh``: bf16 training MFU, ours vs transformers, and decode tokens/s vs the
+bandwidth roofline.
 
 * training: ``--steps`` forward + cross-entropy + backward + AdamW steps of a ~1B config (dim 2048,
-  22 layers, 16 heads / 4 KV heads) under bf16 autocast with fp32 master weights; MFU = tokens/s x
-  ``flops_per_token`` / the measured bf16 matmul peak (an 8192^2 matmul), and / the datasheet peak
-  when ``--datasheet-tflops`` is given;
+  22 layers, 16 heads / 4 KV heads) under bf16 autocast with fp32 master weights, for ours and for
+  transformers' ``LlamaForCausalLM`` (sdpa) holding the same weights, each eager and with every block
+  through ``torch.compile``; MFU = tokens/s x ``flops_per_token`` / the measured bf16 matmul peak (an
+  8192^2 matmul), and / the datasheet peak when ``--datasheet-tflops`` is given;
 * decode: ``generate`` greedy, batch ``--decode-batch``, with the model in bf16, eager and
   ``compile=True``; the roofline is the measured copy bandwidth / bytes read per step (all weights
   except the embedding table, plus the KV cache), times the batch.
+
+Each row is printed as soon as it is measured and, with ``--json``, written to that file, so a run cut
+short by the timeout still reports what it finished; a row that fails prints its error and the rest go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import markdown_table  # noqa: E402
+from benchlib import build_models, logits_max_diff, markdown_table  # noqa: E402
 
 from llama2_lightning.callbacks.throughput import measure_matmul_peak  # noqa: E402
 from llama2_lightning.config import LlamaConfig  # noqa: E402
@@ -42,9 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode row")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled training and decode rows")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers training rows")
+    p.add_argument("--json", default=None, help="also write the results to this file, after every row")
     p.add_argument("--datasheet-tflops", type=float, default=None, help="bf16 dense peak for a second MFU column")
     return p
+
+
+def flop_rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
 
 
 def sync(device: torch.device) -> None:
@@ -65,21 +79,25 @@ def copy_bandwidth(device: torch.device, mib: int, repeats: int = 20) -> float:
     return 2 * src.numel() * repeats / (time.perf_counter() - start)
 
 
-def train(model: Transformer, args: argparse.Namespace, device: torch.device) -> float:
-    """Tokens/s over ``args.steps`` optimiser steps after 3 warm-up steps."""
+def train(model: nn.Module, forward: Callable[[Tensor], Tensor], args: argparse.Namespace,
+          device: torch.device) -> float:
+    """Tokens/s over ``args.steps`` optimiser steps after 3 warm-up steps (the first compiles, if any)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randint(3, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(3, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device, generator=g)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(x[:, :-1])
+            logits = forward(x[:, :-1])  # (B, T, V)
         F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    start = time.perf_counter()
     for _ in range(3):
         step()
     sync(device)
+    print(f"  warm-up (3 steps, compiling if compiled): {time.perf_counter() - start:.1f}s", flush=True)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -106,38 +124,111 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with torch.device("meta"):
         n_params = Transformer(config).num_parameters()
     print(f"device {args.device}; config {config}; {n_params / 1e9:.3f}B parameters")
-    print(f"plan: training {args.steps} steps of batch {args.batch} x {args.seq_len} (bf16 autocast, AdamW); "
+    print(f"plan: training {args.steps} steps of batch {args.batch} x {args.seq_len} (bf16 autocast, AdamW), "
+          f"ours{'' if args.no_transformers else ' and transformers'}, eager{'' if args.no_compile else ' and compiled blocks'}; "
           f"decode batch {args.decode_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens (bf16 weights)")
     if args.dry_run:
         return {"dry_run": True, "n_params": n_params}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu (tiny check) or --dry-run")
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    with device:
-        model = Transformer(config)
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
+    rows: list[list[str]] = []
+    results: dict[str, Any] = {"rows": rows, "failed": {}}
+
+    def record(name: str, rate: str, against: str) -> None:
+        rows.append([name, rate, against])
+        print(f"| {name} | {rate} | {against} |", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    def attempt(name: str, fn: Callable[[], Any]) -> Any:
+        """Run one measurement; a failure is reported and recorded, and the others still run."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 -- one broken row must not cost the device run the others
+            print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+            results["failed"][name] = f"{type(e).__name__}: {e}"
+            return None
+
     big = args.device == "cuda"
     peak = measure_matmul_peak(torch.bfloat16, size=8192 if big else 256, seconds=2.0 if big else 0.2, device=device)
-    tok_s = train(model, args, device)
-    mfu = tok_s * model.flops_per_token(args.seq_len) / peak
-    rows = [["bf16 training step (autocast, AdamW)", f"{tok_s:,.0f} tok/s",
-             f"MFU {mfu:.1%} of measured {peak / 1e12:.1f} TFLOP/s"
-             + (f"; {tok_s * model.flops_per_token(args.seq_len) / (args.datasheet_tflops * 1e12):.1%} of datasheet"
-                if args.datasheet_tflops else "")]]
-    model = model.to(torch.bfloat16)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    results["matmul_peak_tflops"] = peak / 1e12
+
+    if args.no_transformers:
+        torch.manual_seed(0)
+        with device:
+            model, theirs = Transformer(config), None
+    else:
+        model, theirs = build_models(config, seed=0, device=device)
+        diff = logits_max_diff(model, theirs, batch=1, seq_len=min(64, args.seq_len))
+        results["logits_max_diff_fp32"] = diff
+        print(f"logits parity (fp32, same weights): max |ours - theirs| = {diff:.2e}", flush=True)
+        if diff >= 1e-2:
+            raise SystemExit(f"logits differ by {diff:.2e}: the weight copy is wrong")
+        theirs.train()
+    model.train()
+    per_token = model.flops_per_token(args.seq_len)  # theirs is the same model: the same count
+
+    def against(rate: float, theirs_rate: float | None) -> str:
+        text = f"MFU {rate * per_token / peak:.1%} of measured {flop_rate(peak)}"
+        if args.datasheet_tflops:
+            text += f"; {rate * per_token / (args.datasheet_tflops * 1e12):.1%} of datasheet"
+        if theirs_rate:
+            text += f"; {rate / theirs_rate:.2f}x transformers"
+        return text
+
+    def training_rows(label: str) -> None:
+        theirs_rate = None
+        if theirs is not None:
+            theirs_rate = attempt(f"transformers {label}", lambda: train(
+                theirs, lambda t: theirs(input_ids=t, use_cache=False).logits, args, device))
+            if theirs_rate:
+                record(f"bf16 training step, transformers, {label}", f"{theirs_rate:,.0f} tok/s", against(theirs_rate, None))
+        rate = attempt(f"ours {label}", lambda: train(model, model, args, device))
+        if rate:
+            results.setdefault("mfu", rate * per_token / peak)
+            record(f"bf16 training step, ours, {label}", f"{rate:,.0f} tok/s", against(rate, theirs_rate))
+
+    # eager rows first, compiled rows after: a run cut short by the timeout still has every eager number
+    with device:  # decode from a separate copy of the same weights, in bf16
+        decoder = Transformer(config)
+    decoder.load_state_dict(model.state_dict())
+    decoder = decoder.to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters() if "tok_embeddings" not in n)
     kv = 2 * config.n_layers * args.decode_batch * config.n_kv_heads * config.head_dim * \
         (args.prompt_len + args.new_tokens) * 2
     bandwidth = copy_bandwidth(device, 1024 if big else 16)
     roofline = args.decode_batch * bandwidth / (weight_bytes + kv)
-    for compiled in ([False] if args.no_compile else [False, True]):
-        rate = decode(model, args, device, compiled)
-        rows.append([f"decode, batch {args.decode_batch}, {'compile=True' if compiled else 'eager'}",
-                     f"{rate:,.0f} tok/s", f"{rate / roofline:.1%} of roofline {roofline:,.0f} tok/s "
-                     f"({bandwidth / 1e9:,.0f} GB/s)"])
+    results["roofline"] = roofline
+
+    def decode_row(compiled: bool) -> None:
+        name = f"decode, batch {args.decode_batch}, {'compile=True' if compiled else 'eager'}"
+        rate = attempt(name, lambda: decode(decoder, args, device, compiled))
+        if rate:
+            record(name, f"{rate:,.0f} tok/s", f"{rate / roofline:.1%} of roofline {roofline:,.0f} tok/s "
+                   f"({bandwidth / 1e9:,.0f} GB/s)")
+
+    training_rows("eager")
+    decode_row(compiled=False)
+    if not args.no_compile:
+        for block in model.layers:
+            block.compile()
+        if theirs is not None:
+            for layer in theirs.model.layers:
+                layer.compile()
+        training_rows("compiled blocks")
+        decode_row(compiled=True)
     table = markdown_table(["measurement", "rate", "against"], rows, align="lrl")
     print(f"\n{table}")
-    return {"table": table, "mfu": mfu, "roofline": roofline}
+    if results["failed"]:
+        print(f"failed: {', '.join(results['failed'])}")
+    results["table"] = table
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -121,5 +121,10 @@ def test_gpu_check_script_arguments(tmp_path: Path) -> None:
     cpu = run("--device", "cpu", "--no-compile")
     assert cpu.returncode == 0, cpu.stderr
     rows = _rows(cpu.stdout[cpu.stdout.index("| measurement"):])
-    assert rows[0][0].startswith("bf16 training step") and "MFU" in rows[0][2]
-    assert rows[1][0] == "decode, batch 2, eager" and "of roofline" in rows[1][2]
+    assert [r[0] for r in rows] == ["bf16 training step, transformers, eager", "bf16 training step, ours, eager",
+                                    "decode, batch 2, eager"]
+    theirs, ours = (float(r[1].split()[0].replace(",", "")) for r in rows[:2])
+    ratio = float(rows[1][2].split("; ")[-1].removesuffix("x transformers"))
+    assert "MFU" in rows[0][2] and ratio == pytest.approx(ours / theirs, abs=0.006)
+    assert "of roofline" in rows[2][2]
+    assert "logits parity" in cpu.stdout and "FAILED" not in cpu.stdout
