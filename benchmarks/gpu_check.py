@@ -34,6 +34,7 @@ from benchlib import build_models, logits_max_diff, markdown_table  # noqa: E402
 
 from llama2_lightning.callbacks.throughput import measure_matmul_peak  # noqa: E402
 from llama2_lightning.config import LlamaConfig  # noqa: E402
+from llama2_lightning import generation  # noqa: E402
 from llama2_lightning.generation import generate  # noqa: E402
 from llama2_lightning.model import Transformer  # noqa: E402
 
@@ -106,13 +107,27 @@ def train(model: nn.Module, forward: Callable[[Tensor], Tensor], args: argparse.
 
 
 def decode(model: Transformer, args: argparse.Namespace, device: torch.device, compile: bool) -> float:
+    """Greedy tokens/s; the untimed first call has the same shapes (it compiles and records, if any)."""
     prompts = torch.randint(3, model.config.vocab_size, (args.decode_batch, args.prompt_len)).tolist()
-    generate(model, prompts, 8, temperature=0.0, compile=compile)  # warm-up (and compilation)
+    generate(model, prompts, args.new_tokens, temperature=0.0, compile=compile)
     sync(device)
     start = time.perf_counter()
     generate(model, prompts, args.new_tokens, temperature=0.0, compile=compile)
     sync(device)
     return args.decode_batch * args.new_tokens / (time.perf_counter() - start)
+
+
+def decode_agreement(model: Transformer, args: argparse.Namespace, steps: int = 8) -> str:
+    """Compiled vs eager greedy decoding of other prompts of the same shapes (no recompilation): the
+    largest logit difference over the first ``steps`` tokens, relative to the largest eager logit, and
+    the share of identical tokens there (later tokens may part ways after one near-tie in bf16)."""
+    prompts = torch.randint(3, model.config.vocab_size, (args.decode_batch, args.prompt_len)).tolist()
+    eager = generate(model, prompts, args.new_tokens, temperature=0.0, output_logits=True)
+    compiled = generate(model, prompts, args.new_tokens, temperature=0.0, output_logits=True, compile=True)
+    a, b = eager.logits[:, :steps], compiled.logits[:, :steps]  # (B, steps, V)
+    rel = float((b - a).abs().max() / a.abs().max())
+    same = float((compiled.tokens[:, :steps] == eager.tokens[:, :steps]).float().mean())
+    return f"first {steps} steps: logits within {rel:.1e} of eager (relative), {same:.0%} same greedy tokens"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -204,15 +219,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     roofline = args.decode_batch * bandwidth / (weight_bytes + kv)
     results["roofline"] = roofline
 
-    def decode_row(compiled: bool) -> None:
-        name = f"decode, batch {args.decode_batch}, {'compile=True' if compiled else 'eager'}"
+    def decode_row(compiled: bool, label: str) -> None:
+        name = f"decode, batch {args.decode_batch}, {label}"
         rate = attempt(name, lambda: decode(decoder, args, device, compiled))
         if rate:
-            record(name, f"{rate:,.0f} tok/s", f"{rate / roofline:.1%} of roofline {roofline:,.0f} tok/s "
-                   f"({bandwidth / 1e9:,.0f} GB/s)")
+            text = f"{rate / roofline:.1%} of roofline {roofline:,.0f} tok/s ({bandwidth / 1e9:,.0f} GB/s)"
+            if compiled:
+                text += "; " + (attempt(f"{name} agreement", lambda: decode_agreement(decoder, args)) or "no check")
+            record(name, f"{rate:,.0f} tok/s", text)
+
+    def decode_compiled_rows() -> None:
+        if device.type == "cuda":  # plain inductor kernels first, then the library's default, a CUDA graph
+            generation.CUDA_COMPILE_MODE = "default"
+            decode_row(True, "compile=True, no CUDA graph")
+            generation.CUDA_COMPILE_MODE = "reduce-overhead"
+            decoder.__dict__.pop("_compiled_decode", None)  # a fresh compiled step in the new mode
+            torch._dynamo.reset()
+        decode_row(True, "compile=True")
 
     training_rows("eager")
-    decode_row(compiled=False)
+    decode_row(False, "eager")
     if not args.no_compile:
         for block in model.layers:
             block.compile()
@@ -220,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for layer in theirs.model.layers:
                 layer.compile()
         training_rows("compiled blocks")
-        decode_row(compiled=True)
+        decode_compiled_rows()
     table = markdown_table(["measurement", "rate", "against"], rows, align="lrl")
     print(f"\n{table}")
     if results["failed"]:

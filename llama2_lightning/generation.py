@@ -75,14 +75,21 @@ class _DecodeStep(nn.Module):
 # (compilation happens at the first call, and again whenever a guard fails).
 _CPU_INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
+# On CUDA a decode step is a few hundred small kernels, so launching them costs more than running
+# them: "reduce-overhead" replays the whole step as one CUDA graph. Set to "default" for plain
+# inductor kernels, launched one by one.
+CUDA_COMPILE_MODE = "reduce-overhead"
+
 
 class _CompiledDecodeStep(nn.Module):
     """``torch.compile`` of :class:`_DecodeStep`, called under the inductor settings it was built for."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
-        self.cpu = model.output.weight.device.type == "cpu"
-        self.step = torch.compile(_DecodeStep(model), dynamic=False)
+        device = model.output.weight.device.type
+        self.cpu = device == "cpu"
+        self.cuda_graphs = device == "cuda" and CUDA_COMPILE_MODE == "reduce-overhead"
+        self.step = torch.compile(_DecodeStep(model), dynamic=False, mode=CUDA_COMPILE_MODE if device == "cuda" else None)
         self.caches: list[KVCache] = []
 
     def adopt_cache(self, model: Transformer) -> None:
@@ -92,12 +99,21 @@ class _CompiledDecodeStep(nn.Module):
         if not self.caches or self.caches[0].k.shape != fresh[0].k.shape or self.caches[0].k.dtype != fresh[0].k.dtype:
             B, G, S, D = fresh[0].k.shape
             self.caches = [KVCache(B, S, G, D, dtype=c.k.dtype, device=c.k.device) for c in fresh]
+            if self.cuda_graphs:  # fixed addresses the CUDA graph may write into in place
+                for cache in self.caches:
+                    torch._dynamo.mark_static_address(cache.k)
+                    torch._dynamo.mark_static_address(cache.v)
         for layer, src, dst in zip(model.layers, fresh, self.caches):
             dst.k.copy_(src.k)
             dst.v.copy_(src.v)
             layer.attention.kv_cache = dst
 
     def forward(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        if self.cuda_graphs:
+            # Each call is a new step: the graph's output buffer is overwritten by the next replay, so the
+            # caller gets a copy (B x V floats) it may keep.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.step(tokens, input_pos, positions, mask).clone()
         if not self.cpu:
             return self.step(tokens, input_pos, positions, mask)
         import torch._inductor.config as inductor_config
@@ -107,9 +123,11 @@ class _CompiledDecodeStep(nn.Module):
 
 
 def _weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version counter of every parameter: an optimiser step or a
-    ``load_state_dict`` changes it, which invalidates a compiled step that froze the weights."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """Identity of every parameter and, on CPU, its in-place version counter: an optimiser step or a
+    ``load_state_dict`` changes the latter, which invalidates a compiled step that froze the weights.
+    Off CPU nothing is frozen: the compiled step (and its CUDA graph) reads the weights where they are."""
+    frozen = model.output.weight.device.type == "cpu"
+    return tuple((p.data_ptr(), p._version if frozen else 0) for p in model.parameters())
 
 
 def compiled_decode_step(model: Transformer) -> nn.Module:
@@ -117,7 +135,8 @@ def compiled_decode_step(model: Transformer) -> nn.Module:
 
     On CPU the step is compiled with frozen weights (``_CPU_INDUCTOR_CONFIG``), so it is rebuilt
     whenever the weights change (an RLHF policy after each optimiser step): compiling pays for many
-    tokens from fixed weights, not for one short rollout per update."""
+    tokens from fixed weights, not for one short rollout per update. On CUDA it is compiled once, as
+    a CUDA graph (``CUDA_COMPILE_MODE``), and follows the weights' updates in place."""
     version = _weights_version(model)
     cached = model.__dict__.get("_compiled_decode")  # outside the module tree: not a submodule
     if cached is not None and cached[0] == version:

@@ -139,3 +139,50 @@ def test_last_only_logits_equal_the_last_row() -> None:
     tokens = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
+
+
+def test_rope_spelt_out_for_compile_equals_the_complex_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under torch.compile apply_rope takes its real-arithmetic branch; both branches must rotate alike,
+    # forward and backward, in fp32 and bf16, with one shared table and with per-row positions.
+    from llama2_lightning.model import apply_rope
+
+    table = torch.view_as_real(rope_frequencies(32, 16, 10000.0))  # (S, D/2, 2)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 8, 9, 30, 31, 2]])
+    for dtype in (torch.float32, torch.bfloat16):
+        for rope in (table[:6][None], table[positions]):  # (1, T, D/2, 2) and (B, T, D/2, 2)
+            x = torch.randn(2, 6, 3, 16, dtype=dtype)
+            w = torch.randn(2, 6, 3, 16, dtype=dtype)
+
+            def rotate(compiling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+                leaf = x.clone().requires_grad_()
+                out = apply_rope(leaf, rope)
+                (out.float() * w.float()).sum().backward()
+                return out.detach(), leaf.grad
+
+            (complex_out, complex_grad), (real_out, real_grad) = rotate(False), rotate(True)
+            assert real_out.dtype == dtype and not torch.equal(real_out, x)  # it rotated
+            torch.testing.assert_close(real_out, complex_out)
+            torch.testing.assert_close(real_grad, complex_grad)
+    monkeypatch.undo()
+
+
+def test_compiled_block_matches_eager_block() -> None:
+    # The blocks as `bench_train --compile` and gpu_check compile them: same loss and gradients.
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(tokens).float().pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads()
+    for block in model.layers:
+        block.compile()
+    compiled_loss, compiled_grads = loss_and_grads()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
