@@ -99,10 +99,6 @@ class _CompiledDecodeStep(nn.Module):
         if not self.caches or self.caches[0].k.shape != fresh[0].k.shape or self.caches[0].k.dtype != fresh[0].k.dtype:
             B, G, S, D = fresh[0].k.shape
             self.caches = [KVCache(B, S, G, D, dtype=c.k.dtype, device=c.k.device) for c in fresh]
-            if self.cuda_graphs:  # fixed addresses the CUDA graph may write into in place
-                for cache in self.caches:
-                    torch._dynamo.mark_static_address(cache.k)
-                    torch._dynamo.mark_static_address(cache.v)
         for layer, src, dst in zip(model.layers, fresh, self.caches):
             dst.k.copy_(src.k)
             dst.v.copy_(src.v)
@@ -110,8 +106,9 @@ class _CompiledDecodeStep(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         if self.cuda_graphs:
-            # Each call is a new step: the graph's output buffer is overwritten by the next replay, so the
-            # caller gets a copy (B x V floats) it may keep.
+            # Each call is a new step, and the graph's output is overwritten by the next replay, so the
+            # caller gets a copy (B x V floats) it may keep. The caches are module buffers, which the
+            # graph treats as fixed addresses and updates in place.
             torch.compiler.cudagraph_mark_step_begin()
             return self.step(tokens, input_pos, positions, mask).clone()
         if not self.cpu:
