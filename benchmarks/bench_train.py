@@ -8,6 +8,7 @@ which compiles, is untimed and reported). ``--quick``: tiny preset, seconds, num
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, common_arguments, format_table, interleaved,
-    logits_max_diff, next_token_batch, print_machine, train_step_ours, train_step_theirs,
+    gemm_seconds, logits_max_diff, markdown_table, next_token_batch, print_machine, train_step_ours,
+    train_step_theirs,
 )
 
 
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each: the GEMM share, and the most any change that keeps "
+                        "our GEMMs could gain")
     p.add_argument("--quick", action="store_true", help="tiny preset, batch 2 x 16, 1 repeat (smoke test)")
     return common_arguments(p)
 
@@ -67,7 +72,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     args.repeats, 0, clock=clock)
     table = format_table(rows)
     print(f"\n{table}")
-    return {"table": table, "measurements": rows, "logits_max_diff": diff, "loss": losses, "compile_s": compile_s}
+    bound = gemm_bound(ours, theirs, x, y, statistics.median(rows[0].theirs_s)) if args.profile else None
+    return {"table": table, "measurements": rows, "logits_max_diff": diff, "loss": losses, "compile_s": compile_s,
+            "gemm_bound": bound}
+
+
+def gemm_bound(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               theirs_step_s: float) -> dict[str, float]:
+    """Profile one step of each. If our step did its GEMMs as it does now and everything else took no
+    time, it would run at most ``theirs' timed step (median) / our GEMM time`` times theirs: a ceiling
+    on the ratio for any fusion or compilation that leaves the GEMMs alone."""
+    ours_gemm, ours_total = gemm_seconds(lambda: train_step_ours(ours, x, y))
+    theirs_gemm, theirs_total = gemm_seconds(lambda: train_step_theirs(theirs, x, y))
+    ceiling = theirs_step_s / ours_gemm
+    print("\n" + markdown_table(
+        ["profiled step", "GEMM s", "all operators s", "GEMM share"],
+        [["ours", f"{ours_gemm:.3f}", f"{ours_total:.3f}", f"{ours_gemm / ours_total:.1%}"],
+         ["transformers", f"{theirs_gemm:.3f}", f"{theirs_total:.3f}", f"{theirs_gemm / theirs_total:.1%}"]],
+        align="lrrr"))
+    print(f"ceiling for any change that keeps our GEMMs: their timed step {theirs_step_s:.3f}s / our GEMMs "
+          f"{ours_gemm:.3f}s = {ceiling:.2f}x transformers")
+    return {"ours_gemm_s": ours_gemm, "ours_total_s": ours_total, "theirs_gemm_s": theirs_gemm,
+            "theirs_total_s": theirs_total, "theirs_step_s": theirs_step_s, "ceiling": ceiling}
 
 
 if __name__ == "__main__":

@@ -209,6 +209,22 @@ def interleaved(m: Measurement, ours: Callable[[], Any], theirs: Callable[[], An
     return r_ours, r_theirs
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_seconds(fn: Callable[[], Any]) -> tuple[float, float]:
+    """One profiled call of ``fn``: (seconds in GEMM kernels, seconds in all operators), self CPU times.
+    The profiler's overhead lands in the second number, so a GEMM share read from it is a lower bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    total = sum(e.self_cpu_time_total for e in events)
+    return gemm / 1e6, total / 1e6
+
+
 # ---------------------------------------------------------------------------------------------- report
 def cpu_model() -> str:
     try:

@@ -550,7 +550,7 @@ def load_model(path: str | os.PathLike[str], fmt: str | None = None, device: tor
     model.load_state_dict(state_dict, strict=True, assign=True)
     # The RoPE table is a non-persistent buffer: `assign` leaves it on the meta device. Allocate it
     # beside the weights and let the model compute it.
-    model.freqs_cis = torch.empty_like(model.freqs_cis, device=model.output.weight.device)
+    model.rope_table = torch.empty_like(model.rope_table, device=model.output.weight.device)
     model.reset_parameters()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -12,8 +12,6 @@ D head dim, C model dim, V vocabulary.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -24,7 +22,8 @@ from llama2_lightning.config import LlamaConfig
 
 def rope_frequencies(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
     """RoPE rotations as unit complex numbers, (seq_len, head_dim // 2) complex64 (Su et al. 2021; Meta's
-    ``precompute_freqs_cis``). Complex so that ``model.to(torch.bfloat16)`` leaves the table in full precision."""
+    ``precompute_freqs_cis``). The model keeps ``torch.view_as_real`` of it, in float32 whatever the
+    weights' dtype."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
     return torch.polar(torch.ones_like(angles), angles)
@@ -138,8 +137,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # (cos, sin) of every position's rotations, (S, D/2, 2) float32: torch.view_as_real of
+        # rope_frequencies' complex table, kept real so that compiled code meets no complex tensor
         self.register_buffer(
-            "freqs_cis", torch.empty(config.max_seq_len, config.head_dim // 2, dtype=torch.complex64), persistent=False
+            "rope_table", torch.empty(config.max_seq_len, config.head_dim // 2, 2, dtype=torch.float32), persistent=False
         )
         self.reset_parameters()
         # Recompute each block in backward instead of storing its activations (set by the training
@@ -155,20 +156,17 @@ class Transformer(nn.Module):
         Lightning calls this after materialising a meta-device model."""
         with torch.no_grad():
             freqs = rope_frequencies(
-                self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device=self.freqs_cis.device
+                self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device=self.rope_table.device
             )
-            self.freqs_cis.copy_(freqs)
+            self.rope_table.copy_(torch.view_as_real(freqs))
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # `model.to(torch.bfloat16)` casts complex buffers too; positions up to 4,096 need the RoPE
-        # angles in full precision, so rebuild the table wherever it has been moved. The cast's warning
-        # about discarding the imaginary part is moot for a table rebuilt right after.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Casting complex values to real", category=UserWarning)
-            super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != torch.complex64:
-            self.freqs_cis = torch.empty_like(self.freqs_cis, dtype=torch.complex64)
-            if not self.freqs_cis.is_meta:
+        # `model.to(torch.bfloat16)` casts floating-point buffers too; positions up to 4,096 need the
+        # RoPE table in full precision, so rebuild it in float32 wherever it has been moved.
+        super()._apply(fn, recurse)
+        if self.rope_table.dtype != torch.float32:
+            self.rope_table = torch.empty_like(self.rope_table, dtype=torch.float32)
+            if not self.rope_table.is_meta:
                 self.reset_parameters()
         return self
 
@@ -210,9 +208,7 @@ class Transformer(nn.Module):
             slots = self.layers[0].attention.kv_cache.k.size(2)
             mask = torch.arange(slots, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, S)
             mask = mask[None, None]  # (1, 1, T, S)
-        # real (cos, sin) pairs, indexed after the (free) real view: compiled code then computes nothing
-        # complex (see apply_rope)
-        rope = torch.view_as_real(self.freqs_cis)[positions]  # (T, D/2, 2) or (B, T, D/2, 2)
+        rope = self.rope_table[positions]  # (T, D/2, 2) or (B, T, D/2, 2)
         if rope.dim() == 3:
             rope = rope.unsqueeze(0)  # (1, T, D/2, 2)
         h = self.tok_embeddings(tokens)  # (B, T, C)

@@ -161,8 +161,8 @@ def _assign_weights(model: ScalarModel, state_dict: StateDict) -> None:
     # re-materialise (re-initialise) the whole model, so give them real storage here.
     if isinstance(trunk.output, DroppedLMHead) and trunk.output.weight.is_meta:
         trunk.output = DroppedLMHead(device=device, dtype=state_dict["trunk.tok_embeddings.weight"].dtype)
-    if trunk.freqs_cis.is_meta:
-        trunk.freqs_cis = torch.empty_like(trunk.freqs_cis, device=device)
+    if trunk.rope_table.is_meta:
+        trunk.rope_table = torch.empty_like(trunk.rope_table, device=device)
         trunk.reset_parameters()
 
 

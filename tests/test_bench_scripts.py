@@ -45,11 +45,17 @@ def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -
 
 def test_bench_train_quick(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    result = _load("bench_train").main(["--quick"])
+    result = _load("bench_train").main(["--quick", "--profile"])
     _check_ratio_rows(result["table"], ["training step fp32"])
     loss_ours, loss_theirs = result["loss"]
     assert loss_ours == pytest.approx(loss_theirs, abs=1e-4)  # same weights, same batch
-    assert "| measurement | ours tok/s | transformers tok/s | ours/theirs |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| measurement | ours tok/s | transformers tok/s | ours/theirs |" in out
+    bound = result["gemm_bound"]  # --profile: GEMM time within all operator time, and the ceiling from it
+    for who in ("ours", "theirs"):
+        assert 0 < bound[f"{who}_gemm_s"] < bound[f"{who}_total_s"]
+    assert bound["ceiling"] == pytest.approx(bound["theirs_step_s"] / bound["ours_gemm_s"])
+    assert f"= {bound['ceiling']:.2f}x transformers" in out
 
 
 def test_bench_generate_quick() -> None:

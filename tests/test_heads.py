@@ -147,8 +147,6 @@ def test_forward_all_per_token_values_ignore_left_padding() -> None:
 # ------------------------------------------------------------------------------ head and trunk
 
 
-# The bf16 cast below goes through Transformer._apply, which rebuilds the RoPE table torch warned about.
-@pytest.mark.filterwarnings("ignore:Casting complex values to real")
 def test_from_transformer_drops_the_lm_head_and_shares_the_trunk() -> None:
     torch.manual_seed(0)
     trunk = Transformer(LlamaConfig.from_name("tiny"))

@@ -45,10 +45,10 @@ def load_initial_weights(model: Transformer, init_from: str) -> None:
     if config.architecture() != model.config.architecture():
         raise ValueError(f"init_from={init_from}: its config {config} differs from the module's {model.config}")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    if model.freqs_cis.is_meta:
+    if model.rope_table.is_meta:
         # The RoPE table is not in the state dict; a meta tensor left behind would make the strategy
         # re-materialise (and so re-initialise) the whole model.
-        model.freqs_cis = torch.empty_like(model.freqs_cis, device=state_dict["output.weight"].device)
+        model.rope_table = torch.empty_like(model.rope_table, device=state_dict["output.weight"].device)
         model.reset_parameters()
 
 
