@@ -158,7 +158,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     ``num_samples``: answers per prompt, returned as ``len(prompts) * num_samples`` rows in the order
     prompt 0 x K, prompt 1 x K, ...; each prompt is prefilled once. ``compile``: run the decode step
     through ``torch.compile`` (:func:`compiled_decode_step`; the first call compiles, minutes on a
-    small CPU). ``output_logits``: also return every step's logits (memory: B x N x V floats).
+    small CPU), with prompts left-padded to :func:`prompt_bucket` so that other prompt lengths reuse it. ``output_logits``: also return every step's logits (memory: B x N x V floats).
 
     The model's KV cache is allocated for the call and released afterwards."""
     from llama2_lightning.distributed import is_sharded
@@ -170,11 +170,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
                          num_samples, compile, output_logits)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, P) ids left-padded with id 0 (padded slots are masked, so any valid id will do; pad_id may
-    be -1) and (B,) prompt lengths."""
+def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The padded prompt length of a compiled generation: the next power of two from ``longest``, as
+    far as ``max_seq_len`` allows. Batches whose longest prompts share a bucket share the compiled
+    step (and its CUDA graph); padded slots are masked, so the samples are the same."""
+    return max(longest, min(1 << (longest - 1).bit_length(), max_seq_len - max_new_tokens))
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device, min_len: int = 0) -> tuple[Tensor, Tensor]:
+    """(B, P) ids left-padded with id 0 to the longest prompt or ``min_len`` (padded slots are masked,
+    so any valid id will do; pad_id may be -1) and (B,) prompt lengths."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    P = int(lengths.max())
+    P = max(int(lengths.max()), min_len)
     tokens = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
@@ -201,7 +208,9 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = model.output.weight.device
-    tokens, lengths = _left_pad(prompts, device)  # (B0, P), (B0,)
+    longest = max(len(p) for p in prompts)
+    bucket = prompt_bucket(longest, max_new_tokens, model.config.max_seq_len) if compile else 0
+    tokens, lengths = _left_pad(prompts, device, bucket)  # (B0, P), (B0,)
     P = tokens.size(1)
     total = P + max_new_tokens
     if total > model.config.max_seq_len:

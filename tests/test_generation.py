@@ -161,6 +161,15 @@ def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
     torch.testing.assert_close(generate(model, others, 10, temperature=0.0, output_logits=True, compile=True).logits,
                                generate(model, others, 10, temperature=0.0, output_logits=True).logits,
                                atol=1e-4, rtol=1e-4)
+    # Longest prompts of 9 and 13 tokens share the 16-slot bucket: no new graph for the second batch.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    longer = [p + [12, 13, 14, 15] for p in PROMPTS]  # longest 13
+    torch.testing.assert_close(generate(model, longer, 10, temperature=0.0, output_logits=True, compile=True).logits,
+                               generate(model, longer, 10, temperature=0.0, output_logits=True).logits,
+                               atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs
     # The CPU step freezes the weights: an in-place update (an optimiser step) must rebuild it.
     with torch.no_grad():
         for p in model.parameters():
@@ -170,6 +179,14 @@ def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
     torch.testing.assert_close(generate(model, PROMPTS, 10, temperature=0.0, output_logits=True, compile=True).logits,
                                updated.logits, atol=1e-4, rtol=1e-4)
     assert not model.has_kv_cache
+
+
+def test_prompt_bucket_is_the_next_power_of_two_within_the_context() -> None:
+    from llama2_lightning.generation import prompt_bucket
+
+    assert [prompt_bucket(n, 10, 2048) for n in (1, 2, 5, 9, 16, 17, 100)] == [1, 2, 8, 16, 16, 32, 128]
+    assert prompt_bucket(100, 20, 140) == 120  # the bucket stops where the context ends
+    assert prompt_bucket(130, 20, 140) == 130  # never shorter than the prompt (generate then refuses)
 
 
 def test_rlhf_rollout_prefills_each_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
