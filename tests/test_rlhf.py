@@ -226,6 +226,22 @@ def test_rollout_layout_matches_generation_and_kl_starts_at_zero(tiny_ckpt: Path
     assert ev["values"].shape == rollout.action_mask.shape
 
 
+def test_compiled_rollouts_sample_what_eager_rollouts_sample(tiny_ckpt: Path, tok: Tokenizer,
+                                                               prompts_file: Path) -> None:
+    # compile_rollouts: generate(compile=True) with its prompt bucket, the same seeded draws; the
+    # second batch has other prompt lengths.
+    dm = prompt_data(prompts_file, batch_size=6)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    shorter = {**batch, "prompt_ids": [list(p)[1:] for p in batch["prompt_ids"]]}
+    eager, compiled = _ready_module(tiny_ckpt, tok), _ready_module(tiny_ckpt, tok, compile_rollouts=True)
+    for seed, batch in ((11, batch), (12, shorter)):
+        want = eager.rollout(batch, seed=seed, num_samples=2)
+        got = compiled.rollout(batch, seed=seed, num_samples=2)
+        assert got.answer_ids == want.answer_ids and torch.equal(got.tokens, want.tokens)
+    assert "_compiled_decode" in compiled.model.__dict__ and "_compiled_decode" not in eager.model.__dict__
+
+
 def test_bf16_reference_is_frozen_and_close_to_the_policy(tiny_ckpt: Path, tok: Tokenizer, prompts_file: Path) -> None:
     dm = prompt_data(prompts_file, batch_size=4)
     dm.setup()

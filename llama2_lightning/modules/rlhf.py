@@ -58,7 +58,7 @@ from torchmetrics import MeanMetric
 
 from llama2_lightning.chat import Message
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import data_parallel_mesh, gathered, resolve_dtype, shard_transformer
+from llama2_lightning.distributed import data_parallel_mesh, gathered, is_sharded, resolve_dtype, shard_transformer
 from llama2_lightning.generation import generate
 from llama2_lightning.heads import ScalarModel
 from llama2_lightning.model import Transformer
@@ -180,6 +180,11 @@ class RLHFModule(L.LightningModule):
         max_new_tokens / temperature / top_p / top_k: how the policy answers, in rollouts and on
             held-out prompts. PPO's ratio needs samples from the policy itself: keep temperature 1,
             top_p 1 and no top_k for PPO (rejection sampling has its own temperature schedule).
+        compile_rollouts: sample rollouts and held-out answers with ``generate(compile=True)``: on CUDA
+            the decode step replays as one CUDA graph (10x eager decoding for a 1B model on an H200,
+            ``benchmarks/README.md``) and follows the policy's updates in place. On CPU the compiled step
+            freezes the weights, so it is rebuilt after every update and pays only where many tokens
+            come from fixed weights. Needs an unsharded policy.
         lr: policy learning rate, constant (paper, PPO: 1e-6). value_lr: the value model's (default lr).
         betas / eps / weight_decay: AdamW (paper: 0.9/0.95, 1e-5, 0.1).
         optimizer: ``"adamw"`` or ``"adamw8bit"`` (bitsandbytes: about 4x less optimiser-state memory).
@@ -211,6 +216,7 @@ class RLHFModule(L.LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
+        compile_rollouts: bool = False,
         lr: float = 1e-6,
         value_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -380,11 +386,15 @@ class RLHFModule(L.LightningModule):
         if longest + hp.max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={hp.max_new_tokens} exceeds the policy's "
                              f"max_seq_len={self.config.max_seq_len}; lower data.max_prompt_len or max_new_tokens")
+        if hp.compile_rollouts and is_sharded(self.model):
+            raise ValueError("RLHFModule(compile_rollouts=True) needs an unsharded policy: a sharded one is "
+                             "gathered into new storage for every rollout, which a compiled step cannot keep "
+                             "up with; set compile_rollouts: false or train on one device")
         with gathered(self.model):
             # Each prompt prefilled once, its cache copied to its num_samples rows (prefix reuse).
             out = generate(self.model, prompts, hp.max_new_tokens, temperature=temperature, top_k=hp.top_k,
                            top_p=hp.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=int(seed),
-                           num_samples=num_samples)
+                           num_samples=num_samples, compile=hp.compile_rollouts)
         answer_ids = out.as_lists()
         B, device = len(prompt_ids), self.model.output.weight.device
         T = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
