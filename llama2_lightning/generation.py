@@ -158,7 +158,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     ``num_samples``: answers per prompt, returned as ``len(prompts) * num_samples`` rows in the order
     prompt 0 x K, prompt 1 x K, ...; each prompt is prefilled once. ``compile``: run the decode step
     through ``torch.compile`` (:func:`compiled_decode_step`; the first call compiles, minutes on a
-    small CPU), with prompts left-padded to :func:`prompt_bucket` so that other prompt lengths reuse it. ``output_logits``: also return every step's logits (memory: B x N x V floats).
+    small CPU), with prompts left-padded to :func:`prompt_bucket` so that other prompt lengths reuse it.
+    ``output_logits``: also return every step's logits (memory: B x N x V floats).
 
     The model's KV cache is allocated for the call and released afterwards."""
     from llama2_lightning.distributed import is_sharded

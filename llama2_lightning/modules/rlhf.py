@@ -181,7 +181,7 @@ class RLHFModule(L.LightningModule):
             held-out prompts. PPO's ratio needs samples from the policy itself: keep temperature 1,
             top_p 1 and no top_k for PPO (rejection sampling has its own temperature schedule).
         compile_rollouts: sample rollouts and held-out answers with ``generate(compile=True)``: on CUDA
-            the decode step replays as one CUDA graph (10x eager decoding for a 1B model on an H200,
+            the decode step replays as one CUDA graph (6-10x eager decoding for a 1B model on an H200,
             ``benchmarks/README.md``) and follows the policy's updates in place. On CPU the compiled step
             freezes the weights, so it is rebuilt after every update and pays only where many tokens
             come from fixed weights. Needs an unsharded policy.
