@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one step of each: the GEMM share, and the most any change that keeps "
-                        "our GEMMs could gain")
+                   help="also profile one step of each (ours with compiled blocks under --compile): the GEMM "
+                        "share, and the most any change that keeps our GEMMs could gain")
     p.add_argument("--quick", action="store_true", help="tiny preset, batch 2 x 16, 1 repeat (smoke test)")
     return common_arguments(p)
 

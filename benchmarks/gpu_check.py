@@ -32,9 +32,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import build_models, logits_max_diff, markdown_table  # noqa: E402
 
+from llama2_lightning import generation  # noqa: E402
 from llama2_lightning.callbacks.throughput import measure_matmul_peak  # noqa: E402
 from llama2_lightning.config import LlamaConfig  # noqa: E402
-from llama2_lightning import generation  # noqa: E402
 from llama2_lightning.generation import generate  # noqa: E402
 from llama2_lightning.model import Transformer  # noqa: E402
 
@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         n_params = Transformer(config).num_parameters()
     print(f"device {args.device}; config {config}; {n_params / 1e9:.3f}B parameters")
     print(f"plan: training {args.steps} steps of batch {args.batch} x {args.seq_len} (bf16 autocast, AdamW), "
-          f"ours{'' if args.no_transformers else ' and transformers'}, eager{'' if args.no_compile else ' and compiled blocks'}; "
+          f"ours{'' if args.no_transformers else ' and transformers'}, "
+          f"eager{'' if args.no_compile else ' and compiled blocks'}; "
           f"decode batch {args.decode_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens (bf16 weights)")
     if args.dry_run:
         return {"dry_run": True, "n_params": n_params}
@@ -208,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             theirs_rate = attempt(f"transformers {label}", lambda: train(
                 theirs, lambda t: theirs(input_ids=t, use_cache=False).logits, args, device))
             if theirs_rate:
-                record(f"bf16 training step, transformers, {label}", f"{theirs_rate:,.0f} tok/s", against(theirs_rate, None))
+                record(f"bf16 training step, transformers, {label}", f"{theirs_rate:,.0f} tok/s",
+                       against(theirs_rate, None))
         rate = attempt(f"ours {label}", lambda: train(model, model, args, device))
         if rate:
             results.setdefault("mfu", rate * per_token / peak)

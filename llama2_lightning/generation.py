@@ -89,17 +89,20 @@ class _CompiledDecodeStep(nn.Module):
         device = model.output.weight.device.type
         self.cpu = device == "cpu"
         self.cuda_graphs = device == "cuda" and CUDA_COMPILE_MODE == "reduce-overhead"
-        self.step = torch.compile(_DecodeStep(model), dynamic=False, mode=CUDA_COMPILE_MODE if device == "cuda" else None)
-        self.caches: list[KVCache] = []
+        mode = CUDA_COMPILE_MODE if device == "cuda" else None
+        self.step = torch.compile(_DecodeStep(model), dynamic=False, mode=mode)
+        self.caches: dict[tuple[torch.Size, torch.dtype], list[KVCache]] = {}  # per (B, G, S, D) shape and dtype
 
     def adopt_cache(self, model: Transformer) -> None:
-        """Copy the prefill's cache into buffers this step keeps between calls, and decode in those:
-        the compiled code is specialised to its cache tensors, so fresh ones would recompile it."""
+        """Copy the prefill's cache into buffers this step keeps between calls, one set per batch
+        shape, and decode in those: the compiled code (and a CUDA graph's fixed addresses) is
+        specialised to its cache tensors, so fresh ones would recompile (or re-record) it."""
         fresh = [layer.attention.kv_cache for layer in model.layers]
-        if not self.caches or self.caches[0].k.shape != fresh[0].k.shape or self.caches[0].k.dtype != fresh[0].k.dtype:
+        key = (fresh[0].k.shape, fresh[0].k.dtype)
+        if key not in self.caches:
             B, G, S, D = fresh[0].k.shape
-            self.caches = [KVCache(B, S, G, D, dtype=c.k.dtype, device=c.k.device) for c in fresh]
-        for layer, src, dst in zip(model.layers, fresh, self.caches):
+            self.caches[key] = [KVCache(B, S, G, D, dtype=c.k.dtype, device=c.k.device) for c in fresh]
+        for layer, src, dst in zip(model.layers, fresh, self.caches[key]):
             dst.k.copy_(src.k)
             dst.v.copy_(src.v)
             layer.attention.kv_cache = dst
@@ -149,6 +152,13 @@ def compiled_decode_step(model: Transformer) -> nn.Module:
     return step
 
 
+def release_compiled_decode(model: Transformer) -> None:
+    """Drop the compiled decode step kept on ``model`` with its caches (one per batch shape) and, on
+    CUDA, its graphs' memory pool once nothing else holds it; the next ``compile=True`` call compiles
+    again."""
+    model.__dict__.pop("_compiled_decode", None)
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
              seed: int | None = None, num_samples: int = 1, compile: bool = False,
@@ -161,7 +171,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     small CPU), with prompts left-padded to :func:`prompt_bucket` so that other prompt lengths reuse it.
     ``output_logits``: also return every step's logits (memory: B x N x V floats).
 
-    The model's KV cache is allocated for the call and released afterwards."""
+    The model's KV cache is allocated for the call and released afterwards. With ``compile``, the
+    compiled step keeps a cache of its own per batch shape (and, on CUDA, its CUDA graphs' memory)
+    on the model between calls, until :func:`release_compiled_decode`. Its prompt bucket costs up to
+    twice the prompt's slots in prefill and attention; padded slots are masked, so the samples are
+    those of eager decoding up to floating-point rounding."""
     from llama2_lightning.distributed import is_sharded
 
     # FSDP2's all-gathered parameters cannot be used under inference_mode; no_grad is enough there.
@@ -174,7 +188,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
     """The padded prompt length of a compiled generation: the next power of two from ``longest``, as
     far as ``max_seq_len`` allows. Batches whose longest prompts share a bucket share the compiled
-    step (and its CUDA graph); padded slots are masked, so the samples are the same."""
+    step (and its CUDA graph); padded slots are masked."""
     return max(longest, min(1 << (longest - 1).bit_length(), max_seq_len - max_new_tokens))
 
 

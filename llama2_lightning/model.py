@@ -139,9 +139,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # (cos, sin) of every position's rotations, (S, D/2, 2) float32: torch.view_as_real of
         # rope_frequencies' complex table, kept real so that compiled code meets no complex tensor
-        self.register_buffer(
-            "rope_table", torch.empty(config.max_seq_len, config.head_dim // 2, 2, dtype=torch.float32), persistent=False
-        )
+        table = torch.empty(config.max_seq_len, config.head_dim // 2, 2, dtype=torch.float32)  # (S, D/2, 2)
+        self.register_buffer("rope_table", table, persistent=False)
         self.reset_parameters()
         # Recompute each block in backward instead of storing its activations (set by the training
         # modules; plain torch.utils.checkpoint keeps Meta's parameter names intact).

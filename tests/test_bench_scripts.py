@@ -97,7 +97,7 @@ def test_bench_memory_quick() -> None:
     assert m["grads"] == m["weights"] > 0
     assert 2 * m["weights"] <= m["adamw"] < 2 * m["weights"] + 4096  # two fp32 moments (+ step counters)
     assert m["adamw8bit"] < m["adamw"]
-    assert m["frozen_bf16"] < 0.6 * m["frozen_fp32"]  # half, plus the RoPE table that stays complex64
+    assert m["frozen_bf16"] < 0.6 * m["frozen_fp32"]  # half, plus the RoPE table that stays float32
     assert 0 < m["frozen_int8"] < m["frozen_fp32"]
     assert m["rm_activations"] > m["activations"] > 0  # twice the sequences save more
     stages = [r[1] for r in _rows(result["stage_table"])]

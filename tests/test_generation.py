@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama2_lightning import LlamaConfig, Transformer
-from llama2_lightning.generation import generate, sample_next
+from llama2_lightning.generation import generate, release_compiled_decode, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,13 @@ def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
                                generate(model, longer, 10, temperature=0.0, output_logits=True).logits,
                                atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs
+    # Another batch size compiles once; coming back to the first finds its own cache and graph again.
+    generate(model, PROMPTS[:2], 10, temperature=0.0, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    generate(model, longer, 10, temperature=0.0, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    step = model.__dict__["_compiled_decode"][1]
+    assert sorted(key[0][0] for key in step.caches) == [2, 3]  # one kept cache per batch size
     # The CPU step freezes the weights: an in-place update (an optimiser step) must rebuild it.
     with torch.no_grad():
         for p in model.parameters():
@@ -179,6 +186,8 @@ def test_compiled_decode_matches_eager_and_follows_weight_updates() -> None:
     torch.testing.assert_close(generate(model, PROMPTS, 10, temperature=0.0, output_logits=True, compile=True).logits,
                                updated.logits, atol=1e-4, rtol=1e-4)
     assert not model.has_kv_cache
+    release_compiled_decode(model)
+    assert "_compiled_decode" not in model.__dict__
 
 
 def test_prompt_bucket_is_the_next_power_of_two_within_the_context() -> None:

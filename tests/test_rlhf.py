@@ -226,8 +226,8 @@ def test_rollout_layout_matches_generation_and_kl_starts_at_zero(tiny_ckpt: Path
     assert ev["values"].shape == rollout.action_mask.shape
 
 
-def test_compiled_rollouts_sample_what_eager_rollouts_sample(tiny_ckpt: Path, tok: Tokenizer,
-                                                               prompts_file: Path) -> None:
+def test_compiled_rollouts_sample_what_eager_rollouts_sample(tiny_ckpt: Path, tok: Tokenizer, prompts_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # compile_rollouts: generate(compile=True) with its prompt bucket, the same seeded draws; the
     # second batch has other prompt lengths.
     dm = prompt_data(prompts_file, batch_size=6)
@@ -240,6 +240,13 @@ def test_compiled_rollouts_sample_what_eager_rollouts_sample(tiny_ckpt: Path, to
         got = compiled.rollout(batch, seed=seed, num_samples=2)
         assert got.answer_ids == want.answer_ids and torch.equal(got.tokens, want.tokens)
     assert "_compiled_decode" in compiled.model.__dict__ and "_compiled_decode" not in eager.model.__dict__
+    # A sharded policy is gathered into new storage for every rollout: refused, with the reason.
+    import llama2_lightning.modules.rlhf as rlhf_module_file
+
+    monkeypatch.setattr(rlhf_module_file, "is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match="compile_rollouts=True. needs an unsharded policy"):
+        compiled.rollout(batch, seed=13)
+    eager.rollout(batch, seed=13)  # the same check leaves uncompiled rollouts alone
 
 
 def test_bf16_reference_is_frozen_and_close_to_the_policy(tiny_ckpt: Path, tok: Tokenizer, prompts_file: Path) -> None:

@@ -57,13 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import Message, encode_dialog
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import hh_pair_to_prompt_and_answers, read_jsonl
@@ -297,7 +297,7 @@ class SourceStats:
     train_sampled: int = 0  # after mixing: what one training epoch sees
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(TokenizedDataModule):
     """Reward-model preference pairs (module docstring for formats, truncation, split and mixing).
 
     Args:
@@ -330,16 +330,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if not self.sources:
             raise ValueError("sources is empty: give at least one preference file")
         self.val_source_specs = parse_sources(val_sources or [], "val_sources")
-        for name, value, low in (("max_seq_len", max_seq_len, 8), ("batch_size", batch_size, 1),
-                                 ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_ints(("max_seq_len", max_seq_len, 8), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
+        check_val_fraction(val_fraction, allow_zero=True)
         if val_fraction == 0.0 and not self.val_source_specs:
             raise ValueError("no held-out data: set val_fraction > 0 or give val_sources")
-        if on_bad_line not in ("error", "skip"):
-            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+        check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         self.save_hyperparameters()
         self.tokenizer_path = tokenizer_path
         self.max_seq_len = max_seq_len
@@ -349,16 +344,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.on_bad_line = on_bad_line
 
-        self._tokenizer: Tokenizer | None = None
         self.train_dataset: PreferenceDataset | None = None
         self.val_dataset: PreferenceDataset | None = None
         self.stats: dict[str, Any] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
 
     @property
     def source_names(self) -> list[str]:

@@ -43,12 +43,12 @@ from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from llama2_lightning.data.base import TokenizedDataModule, check_ints, check_val_fraction
 from llama2_lightning.files import expand_files
 from llama2_lightning.tokenizer import Tokenizer
 
@@ -275,7 +275,7 @@ class ResumableSampler(DistributedSampler):
         return indices
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(TokenizedDataModule):
     """Packed next-token-prediction windows over plain-text / JSONL files (see the module docstring).
 
     Args:
@@ -303,15 +303,8 @@ class PretrainDataModule(L.LightningDataModule):
         cache_dir: str = "data/cache",
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("max_seq_len", max_seq_len, 1),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in the open interval (0, 1), got {val_fraction}")
+        check_ints(("max_seq_len", max_seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
+        check_val_fraction(val_fraction, allow_zero=False)
         self.save_hyperparameters()
         self.train_files = train_files
         self.tokenizer_path = tokenizer_path
@@ -322,7 +315,6 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = cache_dir
 
-        self._tokenizer: Tokenizer | None = None
         self._key: str | None = None
         self._meta: dict[str, Any] | None = None
         self.train_dataset: PackedWindows | None = None
@@ -331,16 +323,6 @@ class PretrainDataModule(L.LightningDataModule):
         self._resume_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ tokens on disk
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
 
     @property
     def cache_path(self) -> Path:

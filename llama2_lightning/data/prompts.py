@@ -48,17 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
 from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
-from llama2_lightning.tokenizer import Tokenizer
 
 PromptFormat = Literal["prompts", "hh", "xstest", "self_instruct"]
 PROMPT_FORMATS: tuple[str, ...] = ("prompts", "hh", "xstest", "self_instruct")
@@ -293,7 +292,7 @@ class PromptSourceStats:
     safety: int = 0  # prompts kept (either split) tagged is_safety
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(TokenizedDataModule):
     """RLHF prompts (module docstring for formats, tags and the split).
 
     Args:
@@ -337,18 +336,14 @@ class PromptDataModule(L.LightningDataModule):
         if not self.sources:
             raise ValueError("sources is empty: give at least one prompt file (or null for the shipped default)")
         self.val_source_specs = parse_prompt_sources(val_sources or [], "val_sources")
-        for name, value, low in (("max_prompt_len", max_prompt_len, 4), ("batch_size", batch_size, 1),
-                                 ("num_workers", num_workers, 0), ("start_iteration", start_iteration, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_ints(("max_prompt_len", max_prompt_len, 4), ("batch_size", batch_size, 1),
+                   ("num_workers", num_workers, 0), ("start_iteration", start_iteration, 0))
         if val_batch_size is not None and val_batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1 or null, got {val_batch_size}")
         if max_val_prompts is not None and max_val_prompts < 1:
             raise ValueError(f"max_val_prompts must be >= 1 or null, got {max_val_prompts}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if on_bad_line not in ("error", "skip"):
-            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+        check_val_fraction(val_fraction, allow_zero=True)
+        check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         self.save_hyperparameters()
         self.tokenizer_path = tokenizer_path
         self.max_prompt_len = max_prompt_len
@@ -361,20 +356,9 @@ class PromptDataModule(L.LightningDataModule):
         self.start_iteration = start_iteration
         self.num_workers = num_workers
         self.on_bad_line = on_bad_line
-        self._tokenizer: Tokenizer | None = None
         self.train_dataset: PromptDataset | None = None
         self.val_dataset: PromptDataset | None = None
         self.stats: dict[str, Any] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
 
     @property
     def source_names(self) -> list[str]:

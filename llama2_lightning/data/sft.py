@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import B_INST, E_INST, Message, encode_dialog
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
 from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
 from llama2_lightning.tokenizer import Tokenizer
 
@@ -342,7 +342,7 @@ class SFTCollator:
 # --------------------------------------------------------------------------------- data module
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(TokenizedDataModule):
     """Dialogs in the Llama 2-Chat format with the loss on answer tokens only (paper section 3.1).
 
     Args:
@@ -376,19 +376,10 @@ class SFTDataModule(L.LightningDataModule):
         on_bad_line: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("max_seq_len", max_seq_len, 2),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in the open interval (0, 1), got {val_fraction}")
-        if truncation not in ("drop", "left"):
-            raise ValueError(f"truncation must be 'drop' or 'left', got {truncation!r}")
-        if on_bad_line not in ("error", "skip"):
-            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+        check_ints(("max_seq_len", max_seq_len, 2), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
+        check_val_fraction(val_fraction, allow_zero=False)
+        check_choice("truncation", truncation, ("drop", "left"))
+        check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         specs = sources if sources is not None else [SFTSource(DEFAULT_SOURCE_PATH, "self_instruct")]
         self.sources: list[SFTSource] = [as_source(s) for s in specs]
         if not self.sources:
@@ -406,21 +397,10 @@ class SFTDataModule(L.LightningDataModule):
         self.packing = packing
         self.on_bad_line = on_bad_line
 
-        self._tokenizer: Tokenizer | None = None
         self.train_dataset: SFTDataset | None = None
         self.val_dataset: SFTDataset | None = None
         self.stats: dict[str, int] = {}
         self.split_indices: dict[str, np.ndarray] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
