@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import CLOCKS, Measurement, common_arguments, format_table, interleaved, print_machine  # noqa: E402
+from benchlib import (  # noqa: E402
+    CLOCKS, Measurement, common_arguments, format_table, interleaved, parse_args, print_machine,
+)
 
 from llama2_lightning.generation import generate  # noqa: E402
 from llama2_lightning.model import Transformer  # noqa: E402
@@ -38,13 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset, args.prompts, args.samples, args.repeats, args.warmup = "tiny", 2, 3, 1, 0
-        args.shapes = args.shapes or "8:8"
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.split(":")) for s in (args.shapes or "64:128,256:64").split(",")]
+    args = parse_args(build_parser(), argv, preset="tiny", prompts=2, samples=3, repeats=1, warmup=0)
+    default_shapes = "8:8" if args.quick else "64:128,256:64"
+    shapes = [tuple(int(v) for v in s.split(":")) for s in (args.shapes or default_shapes).split(",")]
     torch.manual_seed(args.seed)
     model = Transformer.from_name(args.preset).float().eval()
     print_machine(model, args.preset)

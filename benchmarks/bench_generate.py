@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, Measurement, build_models, common_arguments, format_table, generate_ours, generate_theirs,
-    interleaved, print_machine,
+    interleaved, parse_args, print_machine,
 )
 
 
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.warmup = "tiny", 2, 8, 8, 1, 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(build_parser(), argv, preset="tiny", batch=2, prompt_len=8, new_tokens=8, repeats=1, warmup=0)
     ours, theirs = build_models(args.preset, args.seed)
     ours.eval()
     theirs.eval()

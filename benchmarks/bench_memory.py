@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import markdown_table  # noqa: E402
+from benchlib import markdown_table, parse_args  # noqa: E402
 
 from llama2_lightning.heads import ScalarModel  # noqa: E402
 from llama2_lightning.model import Transformer  # noqa: E402
@@ -149,9 +149,7 @@ def stage_rows(preset: str, m: dict[str, int]) -> list[list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.presets, args.batch, args.seq_len = "tiny", 2, 16
+    args = parse_args(build_parser(), argv, presets="tiny", batch=2, seq_len=16)
     presets = [p.strip() for p in args.presets.split(",")]
     results = {p: measure(p, args.batch, args.seq_len) for p in presets}
     rows, opt_rows, frozen_rows = [], [], []

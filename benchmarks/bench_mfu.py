@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    CLOCKS, Measurement, build_models, common_arguments, interleaved, markdown_table, print_machine,
+    CLOCKS, Measurement, build_models, common_arguments, interleaved, markdown_table, parse_args, print_machine,
     next_token_batch, train_step_ours, train_step_theirs,
 )
 
@@ -41,12 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset, args.batch, args.seq_len, args.repeats, args.warmup = "tiny", 2, 16, 1, 0
-        args.peak_size, args.peak_seconds = 256, 0.2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(build_parser(), argv, preset="tiny", batch=2, seq_len=16, repeats=1, warmup=0,
+                      peak_size=256, peak_seconds=0.2)
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:

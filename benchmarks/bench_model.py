@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402, F401  (re-exported: tests/test_bench_model.py uses to_hf_state_dict)
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, cpu_model, format_table, generate_ours, generate_theirs,
-    interleaved, load_average, logits_max_diff, next_token_batch, to_hf_state_dict, train_step_ours,
-    train_step_theirs,
+    interleaved, load_average, logits_max_diff, next_token_batch, parse_args, to_hf_state_dict,
+    train_step_ours, train_step_theirs,
 )
 
 
@@ -61,14 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset = "tiny"
-        args.batch, args.seq_len = 2, 16
-        args.gen_batch, args.prompt_len, args.new_tokens = 2, 8, 8
-        args.repeats, args.warmup = 1, 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(build_parser(), argv, preset="tiny", batch=2, seq_len=16, gen_batch=2, prompt_len=8,
+                      new_tokens=8, repeats=1, warmup=0)
 
     import transformers
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import markdown_table, print_machine  # noqa: E402
+from benchlib import markdown_table, parse_args, print_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,11 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from llama2_lightning.modules.rlhf import RLHFModule
     from llama2_lightning.rewards import TokenRuleReward
 
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset, args.prompts, args.new_tokens, args.minibatch, args.iterations = "tiny", 4, 4, 4, 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(build_parser(), argv, preset="tiny", prompts=4, new_tokens=4, minibatch=4, iterations=1)
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "prompts.jsonl"

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, common_arguments, format_table, interleaved,
-    gemm_seconds, logits_max_diff, markdown_table, next_token_batch, print_machine, train_step_ours,
-    train_step_theirs,
+    gemm_seconds, logits_max_diff, markdown_table, next_token_batch, parse_args, print_machine,
+    train_step_ours, train_step_theirs,
 )
 
 
@@ -39,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.preset, args.batch, args.seq_len, args.repeats, args.warmup = "tiny", 2, 16, 1, 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(build_parser(), argv, preset="tiny", batch=2, seq_len=16, repeats=1, warmup=0)
     ours, theirs = build_models(args.preset, args.seed)
     print_machine(ours, args.preset)
     diff = logits_max_diff(ours, theirs, batch=2, seq_len=min(64, args.seq_len))

@@ -274,6 +274,18 @@ def common_arguments(p: argparse.ArgumentParser, repeats: int = 3) -> argparse.A
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, **quick: Any) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick`` (every script has it) set ``quick``'s values instead of the
+    defaults, and apply ``--threads`` where the script has it."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def print_machine(model: Transformer | None = None, name: str = "") -> None:
     """Versions, threads, CPU and load: the context every table needs."""
     try:
