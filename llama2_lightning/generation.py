@@ -192,11 +192,10 @@ def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
     return max(longest, min(1 << (longest - 1).bit_length(), max_seq_len - max_new_tokens))
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device, min_len: int = 0) -> tuple[Tensor, Tensor]:
-    """(B, P) ids left-padded with id 0 to the longest prompt or ``min_len`` (padded slots are masked,
+def _left_pad(prompts: Sequence[Sequence[int]], P: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) ids left-padded with id 0 to ``P``, at least the longest prompt (padded slots are masked,
     so any valid id will do; pad_id may be -1) and (B,) prompt lengths."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    P = max(int(lengths.max()), min_len)
     tokens = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
@@ -224,9 +223,8 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = model.output.weight.device
     longest = max(len(p) for p in prompts)
-    bucket = prompt_bucket(longest, max_new_tokens, model.config.max_seq_len) if compile else 0
-    tokens, lengths = _left_pad(prompts, device, bucket)  # (B0, P), (B0,)
-    P = tokens.size(1)
+    P = prompt_bucket(longest, max_new_tokens, model.config.max_seq_len) if compile else longest
+    tokens, lengths = _left_pad(prompts, P, device)  # (B0, P), (B0,)
     total = P + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(
