@@ -32,9 +32,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import markdown_table, parse_args  # noqa: E402
 
-from llama2_lightning.heads import ScalarModel  # noqa: E402
 from llama2_lightning.model import Transformer  # noqa: E402
 from llama2_lightning.optim import build_optimizer, param_groups  # noqa: E402
+from llama2_lightning.scalar_model import ScalarModel  # noqa: E402
 
 MB = 2**20
 
@@ -82,7 +82,7 @@ def activation_bytes(model: Transformer, batch: int, seq_len: int) -> int:
 
 def frozen_bytes(model: Transformer) -> dict[str, int]:
     """A frozen reward model (trunk + scalar head) built from ``model``'s weights in each format."""
-    from llama2_lightning.rewards import quantize_linear_8bit
+    from llama2_lightning.reward_functions import quantize_linear_8bit
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

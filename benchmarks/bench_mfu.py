@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, Measurement, build_models, common_arguments, interleaved, markdown_table, parse_args, print_machine,
-    next_token_batch, train_step_ours, train_step_theirs,
+    next_token_batch, train_step_ours, train_step_theirs, training_shape_arguments,
 )
 
 from llama2_lightning.callbacks.throughput import measure_matmul_peak  # noqa: E402
@@ -29,10 +29,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="llama-100m")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p = training_shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--peak-size", type=int, default=1024, help="side of the square matmul that measures the peak")
     p.add_argument("--peak-seconds", type=float, default=2.0)

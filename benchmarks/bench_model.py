@@ -34,16 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402, F401  (re-exported: tests/test_bench_model.py uses to_hf_state_dict)
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, cpu_model, format_table, generate_ours, generate_theirs,
     interleaved, load_average, logits_max_diff, next_token_batch, parse_args, to_hf_state_dict,
-    train_step_ours, train_step_theirs,
+    train_step_ours, train_step_theirs, training_shape_arguments,
 )
 
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="llama-100m", help="LlamaConfig preset (default: llama-100m, ~125M, GQA)")
-    p.add_argument("--batch", type=int, default=4, help="training batch size")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p = training_shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--gen-batch", type=int, default=8, help="generation batch size")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt length (tokens) for generation")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens generated per row")

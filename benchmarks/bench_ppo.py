@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from llama2_lightning.callbacks.ppo import PPOCallback
     from llama2_lightning.data.prompts import PromptDataModule
     from llama2_lightning.modules.rlhf import RLHFModule
-    from llama2_lightning.rewards import TokenRuleReward
+    from llama2_lightning.reward_functions import TokenRuleReward
 
     args = parse_args(build_parser(), argv, preset="tiny", prompts=4, new_tokens=4, minibatch=4, iterations=1)
     L.seed_everything(0, verbose=False)

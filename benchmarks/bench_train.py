@@ -21,15 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLOCKS, LOGITS_TOLERANCE, Measurement, build_models, common_arguments, format_table, interleaved,
     gemm_seconds, logits_max_diff, markdown_table, next_token_batch, parse_args, print_machine,
-    train_step_ours, train_step_theirs,
+    train_step_ours, train_step_theirs, training_shape_arguments,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="llama-100m")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p = training_shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each (ours with compiled blocks under --compile): the GEMM "

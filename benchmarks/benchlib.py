@@ -263,6 +263,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     return "\n".join(lines)
 
 
+def training_shape_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--preset/--batch/--seq-len of a timed training step (the same defaults in every training script)."""
+    p.add_argument("--preset", default="llama-100m", help="LlamaConfig preset (default: llama-100m, ~125M, GQA)")
+    p.add_argument("--batch", type=int, default=4, help="training batch size")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    return p
+
+
 def common_arguments(p: argparse.ArgumentParser, repeats: int = 3) -> argparse.ArgumentParser:
     """--repeats/--warmup/--threads/--clock/--seed, shared by every script."""
     p.add_argument("--repeats", type=int, default=repeats, help="timed repetitions per side")

@@ -1,4 +1,4 @@
-"""Llama 2-Chat dialog format, answer-only loss masks, and Ghost Attention (GAtt).
+"""Llama 2-Chat dialog format and answer-only loss masks.
 
 The format matches Meta's reference ``chat_completion`` (Touvron et al. 2023): an optional system
 message is folded into the first user turn between ``<<SYS>>`` markers, each complete
@@ -7,12 +7,11 @@ trailing user turn is left open (``<s>[INST] user [/INST]``) for the model to an
 
 SFT trains on answer tokens only (paper section 3.1), so :func:`encode_dialog` returns a mask that
 is True exactly on each answer and its EOS. GAtt (section 3.3) narrows that mask to the last
-answer; see :func:`gatt_sample`.
+answer; see :func:`llama2_lightning.gatt.gatt_sample`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypedDict
 
@@ -41,7 +40,7 @@ class ChatTokenizer(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_message(message: object, position: int) -> None:
+def check_message(message: object, position: int) -> None:
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(
             f"message {position}: expected a dict with 'role' and 'content', got {message!r}"
@@ -57,7 +56,7 @@ def _check_message(message: object, position: int) -> None:
         )
 
 
-def _turns(
+def dialog_turns(
     messages: Sequence[Message], add_generation_prompt: bool | None
 ) -> tuple[list[tuple[str, str | None, int | None]], bool]:
     """Validate a dialog and return its turns as (user_content, answer_or_None, answer_position).
@@ -70,7 +69,7 @@ def _turns(
     if len(messages) == 0:
         raise ValueError("dialog is empty: expected at least one user message")
     for i, m in enumerate(messages):
-        _check_message(m, i)
+        check_message(m, i)
     for i, m in enumerate(messages[1:], start=1):
         if m["role"] == "system":
             raise ValueError(
@@ -149,7 +148,7 @@ def encode_dialog(
     BOS and on the ``[INST] ... [/INST]`` prompt tokens. ``train_turns`` (one flag per message)
     restricts it to the assistant messages flagged True; GAtt uses it to train the last answer only.
     """
-    turns, _ = _turns(messages, add_generation_prompt)
+    turns, _ = dialog_turns(messages, add_generation_prompt)
     if train_turns is not None:
         if len(train_turns) != len(messages):
             raise ValueError(
@@ -198,7 +197,7 @@ def encode_prompt(tokenizer: ChatTokenizer, messages: Sequence[Message]) -> list
 
 def format_dialog_text(messages: Sequence[Message]) -> str:
     """The dialog as the text the tokenizer sees, with ``<s>``/``</s>`` marking BOS/EOS."""
-    turns, _ = _turns(messages, None)
+    turns, _ = dialog_turns(messages, None)
     parts = []
     for user, answer, _ in turns:
         if answer is None:
@@ -208,145 +207,31 @@ def format_dialog_text(messages: Sequence[Message]) -> str:
     return "".join(parts)
 
 
-# --------------------------------------------------------------------------------------------
-# Ghost Attention (paper section 3.3)
-# --------------------------------------------------------------------------------------------
-
-# Separator between a user message and the synthetic instruction appended to it.
-GATT_SEPARATOR = " "
-
-GATT_HOBBIES: tuple[str, ...] = (
-    "tennis", "chess", "gardening", "hiking", "painting", "baking", "birdwatching",
-    "photography", "playing the guitar", "knitting", "astronomy", "cycling", "rock climbing",
-    "fishing", "pottery",
-)  # fmt: skip
-GATT_LANGUAGES: tuple[str, ...] = (
-    "French", "Spanish", "German", "Italian", "Portuguese", "Japanese", "Chinese", "Hindi",
-    "Arabic", "Russian", "Dutch", "Swedish", "Korean", "Turkish", "Greek",
-)  # fmt: skip
-GATT_PUBLIC_FIGURES: tuple[str, ...] = (
-    "Napoleon", "Marie Curie", "Albert Einstein", "Cleopatra", "William Shakespeare",
-    "Abraham Lincoln", "Ada Lovelace", "Leonardo da Vinci", "Mahatma Gandhi", "Frida Kahlo",
-    "Isaac Newton", "Jane Austen", "Nelson Mandela", "Charles Darwin", "Amelia Earhart",
-)  # fmt: skip
-
-# (verbose templates, short form) per constraint kind. The short forms follow the paper's
-# "Always act as Napoleon from now" -> "Figure: Napoleon." example.
-_GATT_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "hobby": (("You enjoy {}.", "Your favourite hobby is {}."), "Hobby: {}."),
-    "language": (("Always answer in {}.", "Speak in {}."), "Language: {}."),
-    "figure": (("Act as {}.", "Always act as {} from now on."), "Figure: {}."),
-}
+# The pair encoding a reward model is trained and scored on.
+def encode_side(tokenizer: ChatTokenizer, prompt: Sequence[Message], answer: str) -> list[int]:
+    """One side of a preference pair, the prompt then ``answer`` as a closed assistant turn: what a
+    reward model reads in training and in scoring."""
+    ids, _ = encode_dialog(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    return ids
 
 
-def sample_gatt_instruction(
-    rng: random.Random,
-    hobbies: Sequence[str] = GATT_HOBBIES,
-    languages: Sequence[str] = GATT_LANGUAGES,
-    public_figures: Sequence[str] = GATT_PUBLIC_FIGURES,
-) -> str:
-    """A random GAtt instruction: 1-3 constraints (hobby, language, public figure) combined, in
-    random order, written tersely half the time ("Hobby: tennis. Language: French.").
-
-    All randomness comes from ``rng`` so a seeded generator reproduces the dataset.
-    """
-    pools = {"hobby": hobbies, "language": languages, "figure": public_figures}
-    kinds = rng.sample(sorted(pools), k=rng.randint(1, len(pools)))
-    short = rng.random() < 0.5
-    parts = []
-    for kind in kinds:
-        value = rng.choice(list(pools[kind]))
-        verbose, terse = _GATT_CONSTRAINTS[kind]
-        parts.append((terse if short else rng.choice(verbose)).format(value))
-    return " ".join(parts)
-
-
-def append_instruction(messages: Sequence[Message], instruction: str) -> list[Message]:
-    """Copy of the dialog with ``instruction`` appended to every user turn: the context used to
-    sample answers that respect the instruction throughout the dialog."""
-    instruction = instruction.strip()
-    if not instruction:
-        raise ValueError("instruction is empty")
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        _check_message(m, i)
-        if m["role"] == "user":
-            content = m["content"].rstrip()
-            content = f"{content}{GATT_SEPARATOR}{instruction}" if content else instruction
-            out.append({"role": "user", "content": content})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _remove_instruction(content: str, instruction: str, position: int) -> str:
-    stripped = content.rstrip()
-    if not stripped.endswith(instruction):
-        raise ValueError(
-            f"message {position}: user message does not end with the GAtt instruction "
-            f"{instruction!r}; was the dialog built with append_instruction?"
-        )
-    return stripped[: len(stripped) - len(instruction)].rstrip()
-
-
-def gatt_sample(
-    messages: Sequence[Message],
-    instruction: str,
-    placement: Literal["system", "first_user"] = "system",
-) -> tuple[list[Message], list[bool]]:
-    """Turn a dialog sampled with the instruction on every user turn into a GAtt training sample.
-
-    Returns (messages, train_flags): the instruction survives only at the start of the dialog and
-    ``train_flags`` is True only on the final assistant message, so the loss is zero on every
-    earlier turn, assistant turns included (their answers were generated *with* the instruction
-    in view, which the training context no longer shows).
-
-    ``placement="system"`` (default) moves the instruction into the system slot, appended after
-    any existing system prompt. The paper concatenates it to the first user message but calls the
-    result "the final system message"; in the Llama 2-Chat format the system block *is* the
-    start of the first user turn (``[INST] <<SYS>> inst <</SYS>> user``), so this keeps the
-    paper's position while teaching the model to obey system prompts, which is how GAtt is used at
-    inference. ``placement="first_user"`` keeps it appended to the first user message verbatim.
-    """
-    if placement not in ("system", "first_user"):
-        raise ValueError(f"placement must be 'system' or 'first_user', got {placement!r}")
-    instruction = instruction.strip()
-    if not instruction:
-        raise ValueError("instruction is empty")
-    # Validation only: a GAtt sample must be well formed and end with the answer to train on.
-    _turns(messages, add_generation_prompt=False)
-
-    out: list[Message] = []
-    first_user = True
-    for i, m in enumerate(messages):
-        if m["role"] == "user":
-            content = _remove_instruction(m["content"], instruction, i)
-            if first_user and placement == "first_user":
-                content = f"{content}{GATT_SEPARATOR}{instruction}" if content else instruction
-            first_user = False
-            out.append({"role": "user", "content": content})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-
-    if placement == "system":
-        if out[0]["role"] == "system":
-            existing = out[0]["content"].rstrip()
-            content = f"{existing}\n{instruction}" if existing else instruction
-            out[0] = {"role": "system", "content": content}
-        else:
-            out.insert(0, {"role": "system", "content": instruction})
-
-    flags = [False] * len(out)
-    flags[-1] = True  # validated above: the last message is the assistant answer being trained
-    return out, flags
-
-
-def encode_gatt(
-    tokenizer: ChatTokenizer,
-    messages: Sequence[Message],
-    instruction: str,
-    placement: Literal["system", "first_user"] = "system",
-) -> tuple[list[int], list[bool]]:
-    """(ids, loss_mask) of a GAtt sample; the mask is True only on the last answer and its EOS."""
-    sample, flags = gatt_sample(messages, instruction, placement)
-    return encode_dialog(tokenizer, sample, add_generation_prompt=False, train_turns=flags)
+def truncate_pair(chosen: list[int], rejected: list[int], max_seq_len: int, bos_id: int
+                  ) -> tuple[list[int], list[int]] | None:
+    """Fit both sides into ``max_seq_len`` by dropping their oldest tokens: each side keeps
+    its last turn whole and loses the oldest context first, or
+    None when the last turn of the longer side does not fit on its own."""
+    cut = max(len(chosen), len(rejected)) - max_seq_len
+    if cut <= 0:
+        return chosen, rejected
+    out = []
+    for ids in (chosen, rejected):
+        # Every chat turn starts with BOS and text never encodes to it, so the last BOS opens the
+        # last turn; the prompt before it is the same on both sides.
+        last_turn = len(ids) - 1 - ids[::-1].index(bos_id)
+        if cut > last_turn:
+            return None
+        kept = ids[cut:]
+        if kept[0] != bos_id:
+            kept = [bos_id, *kept[1:]]  # cut < last_turn here, so the replaced token is older context
+        out.append(kept)
+    return out[0], out[1]

@@ -10,21 +10,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.model import Transformer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

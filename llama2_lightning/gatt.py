@@ -1,277 +1,152 @@
-"""Answering dialogs turn by turn with a checkpoint: Ghost Attention data and the ``chat`` command.
+"""Ghost Attention (GAtt, paper section 3.3): instruction sampling and training samples.
 
-``llama2-lightning gatt`` builds Ghost Attention (GAtt) training dialogs (paper section 3.3). For each
-input dialog (its user turns; any assistant turns in the input are ignored) it draws an instruction
-(:func:`~llama2_lightning.chat.sample_gatt_instruction`) and samples every answer with the current
-model while the instruction is appended to *every* user turn: turn 1 is answered, the answer joins the
-context, then turn 2, and so on, so each answer respects the instruction throughout the dialog. The
-written sample keeps the instruction only at the start of the dialog (:func:`~llama2_lightning.chat.gatt_sample`:
-the system slot by default) and flags only the last answer for training.
-
-Output, one JSON object per line::
-
-    {"messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", ...}, {"role": "assistant", ...}, ...],
-     "gatt_instruction": INSTRUCTION,
-     "train_turns": [false, false, false, ..., true],   # one flag per message: GAtt trains the last answer only
-     "origin": "input.jsonl:LINE"}
-
-The ``messages`` format of :class:`~llama2_lightning.data.sft.SFTDataModule` reads these lines as they
-are; ``train_turns`` is what ``encode_dialog(..., train_turns=...)`` takes to zero the loss on every
-earlier turn, as the paper does.
-
-``llama2-lightning chat`` is the same turn-by-turn loop with a person writing the user turns.
+While sampling, a synthetic system instruction is appended to every user turn; the training sample keeps it
+only in the first turn and the loss only on the last answer (every earlier turn is zeroed).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import torch
+from llama2_lightning.chat import ChatTokenizer, Message, check_message, dialog_turns, encode_dialog
 
-from llama2_lightning.chat import Message, append_instruction, encode_prompt, gatt_sample, sample_gatt_instruction
-from llama2_lightning.generation import generate
-from llama2_lightning.model import Transformer
-from llama2_lightning.tokenizer import Tokenizer
+# Separator between a user message and the synthetic instruction appended to it.
+GATT_SEPARATOR = " "
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GATT_HOBBIES: tuple[str, ...] = (
+    "tennis", "chess", "gardening", "hiking", "painting", "baking", "birdwatching",
+    "photography", "playing the guitar", "knitting", "astronomy", "cycling", "rock climbing",
+    "fishing", "pottery",
+)  # fmt: skip
+GATT_LANGUAGES: tuple[str, ...] = (
+    "French", "Spanish", "German", "Italian", "Portuguese", "Japanese", "Chinese", "Hindi",
+    "Arabic", "Russian", "Dutch", "Swedish", "Korean", "Turkish", "Greek",
+)  # fmt: skip
+GATT_PUBLIC_FIGURES: tuple[str, ...] = (
+    "Napoleon", "Marie Curie", "Albert Einstein", "Cleopatra", "William Shakespeare",
+    "Abraham Lincoln", "Ada Lovelace", "Leonardo da Vinci", "Mahatma Gandhi", "Frida Kahlo",
+    "Isaac Newton", "Jane Austen", "Nelson Mandela", "Charles Darwin", "Amelia Earhart",
+)  # fmt: skip
 
-
-# ------------------------------------------------------------------------------------------ shared
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt, or a Hugging Face or Meta directory")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside or inside --checkpoint)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                        help="cast the weights (default: keep the checkpoint's dtype)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 samples greedily")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def load_chat_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
-    """The checkpoint's model (in eval mode) and its tokenizer; argument problems exit through ``parser``."""
-    from llama2_lightning.checkpoint import load_model
-
-    tok_path: Path | None = Path(args.tokenizer) if args.tokenizer else None
-    if tok_path is None:
-        base = Path(args.checkpoint)
-        tok_path = next((c for c in (base / "tokenizer.model", base.parent / "tokenizer.model") if c.is_file()), None)
-        if tok_path is None:
-            parser.error(f"no tokenizer.model beside --checkpoint {args.checkpoint}: pass --tokenizer PATH")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    tokenizer = Tokenizer(tok_path)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = load_model(args.checkpoint, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    if model.config.vocab_size < tokenizer.vocab_size:
-        parser.error(f"model vocab_size {model.config.vocab_size} < {tok_path}'s {tokenizer.vocab_size} pieces: "
-                     "pass the tokenizer the model was trained with")
-    return model.eval(), tokenizer
+# (verbose templates, short form) per constraint kind. The short forms follow the paper's
+# "Always act as Napoleon from now" -> "Figure: Napoleon." example.
+_GATT_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "hobby": (("You enjoy {}.", "Your favourite hobby is {}."), "Hobby: {}."),
+    "language": (("Always answer in {}.", "Speak in {}."), "Language: {}."),
+    "figure": (("Act as {}.", "Always act as {} from now on."), "Figure: {}."),
+}
 
 
-def sample_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int) -> list[str]:
-    """One answer per prompt (ids ending in ``[/INST]``), its text up to the first EOS, stripped the way
-    the chat format strips an answer."""
-    out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed)
-    return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.as_lists()]
+def sample_gatt_instruction(
+    rng: random.Random,
+    hobbies: Sequence[str] = GATT_HOBBIES,
+    languages: Sequence[str] = GATT_LANGUAGES,
+    public_figures: Sequence[str] = GATT_PUBLIC_FIGURES,
+) -> str:
+    """A random GAtt instruction: 1-3 constraints (hobby, language, public figure) combined, in
+    random order, written tersely half the time ("Hobby: tennis. Language: French.").
+
+    All randomness comes from ``rng`` so a seeded generator reproduces the dataset.
+    """
+    pools = {"hobby": hobbies, "language": languages, "figure": public_figures}
+    kinds = rng.sample(sorted(pools), k=rng.randint(1, len(pools)))
+    short = rng.random() < 0.5
+    parts = []
+    for kind in kinds:
+        value = rng.choice(list(pools[kind]))
+        verbose, terse = _GATT_CONSTRAINTS[kind]
+        parts.append((terse if short else rng.choice(verbose)).format(value))
+    return " ".join(parts)
 
 
-# ------------------------------------------------------------------------------------------ GAtt
-def _read_dialogs(path: Path, limit: int | None) -> list[tuple[str, str | None, list[str]]]:
-    """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file."""
-    from llama2_lightning.dialogs import read_jsonl
-
-    out: list[tuple[str, str | None, list[str]]] = []
-    for lineno, record in read_jsonl(path):
-        origin = f"{path}:{lineno}"
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{origin}: expected an object with a non-empty 'messages' list")
-        system: str | None = None
-        users: list[str] = []
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise ValueError(f"{origin}: message {k} must be {{'role': system|user|assistant, 'content': str}}")
-            if m["role"] == "system":
-                if k != 0:
-                    raise ValueError(f"{origin}: message {k}: a system message is only allowed first")
-                system = m["content"]
-            elif m["role"] == "user":
-                users.append(m["content"])
-        if not users:
-            raise ValueError(f"{origin}: the dialog has no user turn to answer")
-        out.append((origin, system, users))
-        if limit is not None and len(out) >= limit:
-            break
+def append_instruction(messages: Sequence[Message], instruction: str) -> list[Message]:
+    """Copy of the dialog with ``instruction`` appended to every user turn: the context used to
+    sample answers that respect the instruction throughout the dialog."""
+    instruction = instruction.strip()
+    if not instruction:
+        raise ValueError("instruction is empty")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        check_message(m, i)
+        if m["role"] == "user":
+            content = m["content"].rstrip()
+            content = f"{content}{GATT_SEPARATOR}{instruction}" if content else instruction
+            out.append({"role": "user", "content": content})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
-def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[tuple[str | None, list[str]]],
-                        instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int, batch_size: int = 8) -> list[list[Message]]:
-    """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
+def _remove_instruction(content: str, instruction: str, position: int) -> str:
+    stripped = content.rstrip()
+    if not stripped.endswith(instruction):
+        raise ValueError(
+            f"message {position}: user message does not end with the GAtt instruction "
+            f"{instruction!r}; was the dialog built with append_instruction?"
+        )
+    return stripped[: len(stripped) - len(instruction)].rstrip()
 
-    ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
-    (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
-    whose prompt and answer would not fit the model's context, or whose answer comes out empty (an empty
-    last answer would teach the model to say nothing); one with no turn answered comes back with no
-    assistant message. Turn k of up to ``batch_size`` dialogs is sampled in one batch.
+
+def gatt_sample(
+    messages: Sequence[Message],
+    instruction: str,
+    placement: Literal["system", "first_user"] = "system",
+) -> tuple[list[Message], list[bool]]:
+    """Turn a dialog sampled with the instruction on every user turn into a GAtt training sample.
+
+    Returns (messages, train_flags): the instruction survives only at the start of the dialog and
+    ``train_flags`` is True only on the final assistant message, so the loss is zero on every
+    earlier turn, assistant turns included (their answers were generated *with* the instruction
+    in view, which the training context no longer shows).
+
+    ``placement="system"`` (default) moves the instruction into the system slot, appended after
+    any existing system prompt. The paper concatenates it to the first user message but calls the
+    result "the final system message"; in the Llama 2-Chat format the system block *is* the
+    start of the first user turn (``[INST] <<SYS>> inst <</SYS>> user``), so this keeps the
+    paper's position while teaching the model to obey system prompts, which is how GAtt is used at
+    inference. ``placement="first_user"`` keeps it appended to the first user message verbatim.
     """
-    if len(dialogs) != len(instructions):
-        raise ValueError(f"{len(dialogs)} dialogs but {len(instructions)} instructions")
-    seeds = random.Random(seed)  # one generation seed per batch call, in a fixed call order
-    results: list[list[Message]] = [[{"role": "system", "content": s}] if s is not None else [] for s, _ in dialogs]
-    for start in range(0, len(dialogs), batch_size):
-        open_rows = set(range(start, min(start + batch_size, len(dialogs))))
-        turn = 0
-        while True:
-            rows, prompts = [], []
-            for i in sorted(open_rows):
-                users = dialogs[i][1]
-                if turn >= len(users):
-                    open_rows.discard(i)
-                    continue
-                context = results[i] + [{"role": "user", "content": users[turn]}]
-                ids = encode_prompt(tokenizer, append_instruction(context, instructions[i]))
-                if len(ids) + max_new_tokens > model.config.max_seq_len:
-                    open_rows.discard(i)
-                    continue
-                rows.append(i)
-                prompts.append(ids)
-            if not rows:
-                break
-            answers = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                                     seed=seeds.randrange(2**31))
-            for i, answer in zip(rows, answers):
-                if not answer:
-                    open_rows.discard(i)
-                    continue
-                results[i] += [{"role": "user", "content": dialogs[i][1][turn]},
-                               {"role": "assistant", "content": answer}]
-            turn += 1
-    return results
+    if placement not in ("system", "first_user"):
+        raise ValueError(f"placement must be 'system' or 'first_user', got {placement!r}")
+    instruction = instruction.strip()
+    if not instruction:
+        raise ValueError("instruction is empty")
+    # Validation only: a GAtt sample must be well formed and end with the answer to train on.
+    dialog_turns(messages, add_generation_prompt=False)
+
+    out: list[Message] = []
+    first_user = True
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            content = _remove_instruction(m["content"], instruction, i)
+            if first_user and placement == "first_user":
+                content = f"{content}{GATT_SEPARATOR}{instruction}" if content else instruction
+            first_user = False
+            out.append({"role": "user", "content": content})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+
+    if placement == "system":
+        if out[0]["role"] == "system":
+            existing = out[0]["content"].rstrip()
+            content = f"{existing}\n{instruction}" if existing else instruction
+            out[0] = {"role": "system", "content": content}
+        else:
+            out.insert(0, {"role": "system", "content": instruction})
+
+    flags = [False] * len(out)
+    flags[-1] = True  # validated above: the last message is the assistant answer being trained
+    return out, flags
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def cli_gatt(argv: list[str] | None = None) -> int:
-    """``llama2-lightning gatt``: returns the process exit status."""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lightning gatt",
-        description="Sample Ghost Attention (GAtt) dialogs: answers drawn with a random instruction on every "
-                    "user turn, written with the instruction only at the start (paper section 3.3).",
-    )
-    parser.add_argument("--input", required=True, type=Path,
-                        help='JSONL of {"messages": [...]} dialogs; only the system and user turns are used')
-    parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/gatt.py)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N dialogs")
-    parser.add_argument("--placement", choices=("system", "first_user"), default="system",
-                        help="where the instruction stays in the written dialog (see chat.gatt_sample)")
-    parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
-    _add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        inputs = _read_dialogs(args.input, args.limit)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    model, tokenizer = load_chat_model(parser, args)
-
-    rng = random.Random(args.seed)
-    # Drawn before any sampling, so a dialog's instruction depends on the seed and its position only.
-    instructions = [sample_gatt_instruction(rng) for _ in inputs]
-    sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
-                                  args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size)
-    records: list[dict[str, Any]] = []
-    shortened = skipped = 0
-    for (origin, _, users), instruction, dialog in zip(inputs, instructions, sampled):
-        answered = sum(m["role"] == "assistant" for m in dialog)
-        if answered == 0:
-            skipped += 1
-            continue
-        shortened += answered < len(users)
-        # gatt_sample takes the dialog as it was sampled (instruction on every user turn) and keeps the
-        # instruction at the start only; it refuses a dialog that was not built that way.
-        messages, flags = gatt_sample(append_instruction(dialog, instruction), instruction, args.placement)
-        records.append({"messages": messages, "gatt_instruction": instruction, "train_turns": flags,
-                        "origin": origin})
-    _write_jsonl_atomic(args.output, records)
-    print(f"wrote {len(records)} GAtt dialogs to {args.output} ({shortened} shortened to fit the context or at an "
-          f"empty answer, {skipped} skipped: not even the first turn could be answered)")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ chat
-def cli_chat(argv: list[str] | None = None) -> int:
-    """``llama2-lightning chat``: a multi-turn conversation on stdin/stdout; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lightning chat",
-        description="Chat with a checkpoint in the Llama 2-Chat format. One user turn per line; "
-                    "/reset forgets the conversation, /exit (or end of input) quits.",
-    )
-    parser.add_argument("--system", default=None, help="system prompt, folded into the first turn")
-    _add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    model, tokenizer = load_chat_model(parser, args)
-    system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[Message] = []
-    interactive = sys.stdin.isatty()
-    turn = 0
-    while True:
-        if interactive:
-            print(">>> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            continue
-        user: Message = {"role": "user", "content": text}
-        ids = encode_prompt(tokenizer, system + history + [user])
-        # Forget the oldest exchange until the prompt leaves room for a full answer (the system prompt stays).
-        while history and len(ids) + args.max_new_tokens > model.config.max_seq_len:
-            history = history[2:]
-            print("(context full: forgot the oldest exchange)", file=sys.stderr)
-            ids = encode_prompt(tokenizer, system + history + [user])
-        budget = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
-        if budget < 1:
-            print(f"(that message is {len(ids)} tokens with the chat markup; the model's context is "
-                  f"{model.config.max_seq_len}: write a shorter one)", file=sys.stderr)
-            continue
-        [answer] = sample_answers(model, tokenizer, [ids], budget, args.temperature, args.top_p, seed=args.seed + turn)
-        print(answer, flush=True)
-        history += [user, {"role": "assistant", "content": answer}]
-        turn += 1
-    return 0
+def encode_gatt(
+    tokenizer: ChatTokenizer,
+    messages: Sequence[Message],
+    instruction: str,
+    placement: Literal["system", "first_user"] = "system",
+) -> tuple[list[int], list[bool]]:
+    """(ids, loss_mask) of a GAtt sample; the mask is True only on the last answer and its EOS."""
+    sample, flags = gatt_sample(messages, instruction, placement)
+    return encode_dialog(tokenizer, sample, add_generation_prompt=False, train_turns=flags)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from llama2_lightning.distributed import is_sharded
 from llama2_lightning.model import KVCache, Transformer
 
 
@@ -176,8 +177,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     on the model between calls, until :func:`release_compiled_decode`. Its prompt bucket costs up to
     twice the prompt's slots in prefill and attention; padded slots are masked, so the samples are
     those of eager decoding up to floating-point rounding."""
-    from llama2_lightning.distributed import is_sharded
-
     # FSDP2's all-gathered parameters cannot be used under inference_mode; no_grad is enough there.
     # Compiled code traced under no_grad is reused under no_grad only, so it keeps to no_grad too.
     with torch.inference_mode(not (is_sharded(model) or compile)), torch.no_grad():

@@ -10,14 +10,11 @@ plain sentencepiece decodes our ids to the same text, so a Meta checkpoint sees 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
-import json
 import os
 import random
-import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from llama2_lightning.files import expand_files
+from llama2_lightning.jsonl import text_records
 
 SPACE_SYMBOL = "\u2581"
 
@@ -158,33 +156,27 @@ def _iter_lines(path: Path) -> Iterator[str]:
     SentencePiece trains on lines, so "\n" never enters the vocabulary: like Llama 2, newlines are
     encoded with the byte-fallback piece <0x0A>. Lines split on "\n" only, so a "\r" stays text.
     """
-    is_jsonl = ".jsonl" in path.suffixes
     count = 0
+    if ".jsonl" in path.suffixes:
+        pieces: Iterator[str] = (piece for _, text in text_records(path) for piece in text.split("\n"))
+    else:
+        pieces = _plain_lines(path)
+    for piece in pieces:
+        if piece:
+            count += 1
+            yield piece
+    if count == 0:
+        raise ValueError(f"tokenizer training input {path} contains no text")
+
+
+def _plain_lines(path: Path) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                yield raw.decode("utf-8").removesuffix("\n")
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason})") from err
-            if is_jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-                pieces = record["text"].split("\n")
-            else:
-                pieces = [line.removesuffix("\n")]
-            for piece in pieces:
-                if piece:
-                    count += 1
-                    yield piece
-    if count == 0:
-        raise ValueError(f"tokenizer training input {path} contains no text")
 
 
 def _sample_lines(files: list[Path], limit: int, seed: int) -> list[str]:
@@ -280,30 +272,3 @@ def _check_round_trip(tokenizer: Tokenizer, texts: Iterable[str]) -> None:
         decoded = tokenizer.decode(tokenizer.encode(text))
         if decoded != text:
             raise RuntimeError(f"trained tokenizer does not round-trip {text!r} (decoded {decoded!r})")
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def cli_tokenizer(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llama2-lightning tokenizer", description="SentencePiece tokenizer tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a Llama 2 style SentencePiece BPE tokenizer")
-    train.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        metavar="FILE_OR_GLOB",
-        help="text file (one sentence per line) or .jsonl with a 'text' field; repeatable",
-    )
-    train.add_argument("--output", required=True, help="where to write the .model file")
-    train.add_argument("--vocab-size", type=int, default=2048)
-    args = parser.parse_args(argv)
-
-    try:
-        tokenizer = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size)
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {tokenizer.model_path} (vocab size {tokenizer.vocab_size})")
-    return 0

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import ROOT
+
 from llama2_lightning import Transformer
 from llama2_lightning.checkpoint import save_hf
 from llama2_lightning.cli import lightning_cli, main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
 
 

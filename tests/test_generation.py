@@ -200,7 +200,7 @@ def test_prompt_bucket_is_the_next_power_of_two_within_the_context() -> None:
 
 def test_rlhf_rollout_prefills_each_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import llama2_lightning.modules.rlhf as rlhf
-    from llama2_lightning.rewards import LengthRuleReward
+    from llama2_lightning.reward_functions import LengthRuleReward
     from llama2_lightning.tokenizer import Tokenizer
 
     module = rlhf.RLHFModule(model="tiny", reward=LengthRuleReward(target_length=4), max_new_tokens=6,

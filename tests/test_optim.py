@@ -75,7 +75,7 @@ def test_8bit_adamw_steps_and_quarters_the_state_of_large_matrices() -> None:
 def test_rlhf_module_takes_the_8bit_optimizer(tmp_path) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     from llama2_lightning.modules.rlhf import RLHFModule
-    from llama2_lightning.rewards import LengthRuleReward
+    from llama2_lightning.reward_functions import LengthRuleReward
 
     module = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8), optimizer="adamw8bit", lr=1e-5,
                         value_lr=1e-4)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import ROOT
+
 from llama2_lightning import LlamaConfig, Transformer
 from llama2_lightning.cli import lightning_cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_block(language: str, first_line: str) -> str:

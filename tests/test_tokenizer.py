@@ -8,11 +8,12 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from llama2_lightning.tokenizer import ROUND_TRIP_PROBES, Tokenizer, cli_tokenizer, train_tokenizer
+from paths import SHAKESPEARE, TOKENIZER
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = ROOT / "data" / "tokenizer.model"
-SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+from llama2_lightning.commands.tokenizer import cli_tokenizer
+from llama2_lightning.tokenizer import ROUND_TRIP_PROBES, Tokenizer, train_tokenizer
+
+SHIPPED_MODEL = TOKENIZER
 
 # Whitespace, control characters, scripts and symbols that normalisation or whitespace handling
 # could alter; none contains the literal meta symbol U+2581 (tested separately).

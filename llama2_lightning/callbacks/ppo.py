@@ -41,7 +41,7 @@ from llama2_lightning.rlhf.advantages import gae
 from llama2_lightning.rlhf.kl import KLKind, kl_penalty
 from llama2_lightning.rlhf.kl_control import AdaptiveKLController, FixedKLController
 from llama2_lightning.rlhf.masking import masked_mean, masked_whiten
-from llama2_lightning.rlhf.rewards import per_token_rewards, whiten_rewards
+from llama2_lightning.rlhf.reward_shaping import per_token_rewards, whiten_rewards
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:

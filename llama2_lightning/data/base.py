@@ -12,11 +12,20 @@ from llama2_lightning.tokenizer import Tokenizer
 
 
 class TokenizedDataModule(L.LightningDataModule):
-    """A data module that encodes with the SentencePiece model at ``self.tokenizer_path``, loaded at
-    first use: building a module from a config reads no file."""
-
-    tokenizer_path: str
-    _tokenizer: Tokenizer | None = None
+    """A data module that encodes with the tokenizer at ``self.tokenizer_path``, loaded at first use:
+    building a module from a config reads no file. Checks and keeps the arguments every data module
+    has; ``allow_zero_val``: whether other held-out data may stand in for ``val_fraction = 0``."""
+    def __init__(self, tokenizer_path: str, batch_size: int, val_fraction: float, seed: int, num_workers: int, *,
+                 allow_zero_val: bool) -> None:
+        super().__init__()
+        check_ints(("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
+        check_val_fraction(val_fraction, allow_zero=allow_zero_val)
+        self.tokenizer_path = tokenizer_path
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self._tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -27,6 +36,15 @@ class TokenizedDataModule(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    def replicas(self) -> tuple[int, int]:
+        """(number of data-parallel replicas, this rank's index among them): the strategy's data-parallel
+        world, not the global one (under tensor parallelism several ranks share one data shard), exactly
+        what Lightning would give its own DistributedSampler; (1, 0) without a trainer."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
 
 
 def check_ints(*args: tuple[str, Any, int]) -> None:

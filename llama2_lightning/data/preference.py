@@ -62,13 +62,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from llama2_lightning.chat import Message, encode_dialog
-from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
+from llama2_lightning.chat import Message, encode_side, truncate_pair
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
+from llama2_lightning.data.readers import hh_pair_to_prompt_and_answers
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
-from llama2_lightning.dialogs import hh_pair_to_prompt_and_answers, read_jsonl
+from llama2_lightning.jsonl import read_jsonl
 from llama2_lightning.rlhf.ranking import MARGINS
-from llama2_lightning.tokenizer import Tokenizer
 
 # The paper's four preference ratings (section 3.2.1), the keys of the margin tables.
 MARGIN_LABELS: tuple[str, ...] = tuple(MARGINS["small"])
@@ -179,32 +179,6 @@ class PreferencePair:
     @property
     def key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return tuple(self.chosen), tuple(self.rejected)
-
-
-def encode_side(tokenizer: Tokenizer, prompt: Sequence[Message], answer: str) -> list[int]:
-    ids, _ = encode_dialog(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
-    return ids
-
-
-def truncate_pair(chosen: list[int], rejected: list[int], max_seq_len: int, bos_id: int
-                  ) -> tuple[list[int], list[int]] | None:
-    """Fit both sides into ``max_seq_len`` by dropping their oldest tokens (module docstring), or
-    None when the last turn of the longer side does not fit on its own."""
-    cut = max(len(chosen), len(rejected)) - max_seq_len
-    if cut <= 0:
-        return chosen, rejected
-    out = []
-    for ids in (chosen, rejected):
-        # Every chat turn starts with BOS and text never encodes to it, so the last BOS opens the
-        # last turn; the prompt before it is the same on both sides.
-        last_turn = len(ids) - 1 - ids[::-1].index(bos_id)
-        if cut > last_turn:
-            return None
-        kept = ids[cut:]
-        if kept[0] != bos_id:
-            kept = [bos_id, *kept[1:]]  # cut < last_turn here, so the replaced token is older context
-        out.append(kept)
-    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -325,23 +299,17 @@ class PreferenceDataModule(TokenizedDataModule):
         num_workers: int = 0,
         on_bad_line: Literal["error", "skip"] = "error",
     ) -> None:
-        super().__init__()
+        super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=True)
         self.sources = parse_sources(sources, "sources")
         if not self.sources:
             raise ValueError("sources is empty: give at least one preference file")
         self.val_source_specs = parse_sources(val_sources or [], "val_sources")
-        check_ints(("max_seq_len", max_seq_len, 8), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
-        check_val_fraction(val_fraction, allow_zero=True)
+        check_ints(("max_seq_len", max_seq_len, 8))
         if val_fraction == 0.0 and not self.val_source_specs:
             raise ValueError("no held-out data: set val_fraction > 0 or give val_sources")
         check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         self.save_hyperparameters()
-        self.tokenizer_path = tokenizer_path
         self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.on_bad_line = on_bad_line
 
         self.train_dataset: PreferenceDataset | None = None

@@ -48,8 +48,9 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from llama2_lightning.data.base import TokenizedDataModule, check_ints, check_val_fraction
+from llama2_lightning.data.base import TokenizedDataModule, check_ints
 from llama2_lightning.files import expand_files
+from llama2_lightning.jsonl import text_records
 from llama2_lightning.tokenizer import Tokenizer
 
 # Start of the warning Lightning gives on a mid-epoch resume when the DataLoader has no state_dict.
@@ -89,10 +90,10 @@ def _open_bytes(path: Path) -> Any:
 def iter_documents(path: Path) -> Iterator[str]:
     """Yield the documents of one input file, raising ``ValueError`` naming the file (and line)."""
     try:
+        if _is_jsonl(path):
+            yield from _iter_jsonl(path)
+            return
         with _open_bytes(path) as handle:
-            if _is_jsonl(path):
-                yield from _iter_jsonl(path, handle)
-                return
             raw = handle.read()
     except (gzip.BadGzipFile, EOFError) as err:
         raise ValueError(f"{path}: not a readable gzip file ({err})") from err
@@ -104,23 +105,11 @@ def iter_documents(path: Path) -> Iterator[str]:
         raise ValueError(f"{path}: not valid UTF-8 at byte {err.start} ({err.reason})") from err
 
 
-def _iter_jsonl(path: Path, handle: Any) -> Iterator[str]:
+def _iter_jsonl(path: Path) -> Iterator[str]:
     count = 0
-    for lineno, raw in enumerate(handle, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason})") from err
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+    for _, text in text_records(path):
         count += 1
-        yield record["text"]
+        yield text
     if count == 0:
         raise ValueError(f"{path}: file is empty (no JSONL records)")
 
@@ -302,17 +291,11 @@ class PretrainDataModule(TokenizedDataModule):
         num_workers: int = 0,
         cache_dir: str = "data/cache",
     ) -> None:
-        super().__init__()
-        check_ints(("max_seq_len", max_seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
-        check_val_fraction(val_fraction, allow_zero=False)
+        super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=False)
+        check_ints(("max_seq_len", max_seq_len, 1))
         self.save_hyperparameters()
         self.train_files = train_files
-        self.tokenizer_path = tokenizer_path
         self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.cache_dir = cache_dir
 
         self._key: str | None = None
@@ -386,18 +369,10 @@ class PretrainDataModule(TokenizedDataModule):
 
     # ----------------------------------------------------------------------------------- loaders
 
-    def _replicas(self) -> tuple[int, int]:
-        # The strategy's data-parallel world (not the global one: under tensor parallelism several
-        # ranks share one data shard), exactly what Lightning would give its own DistributedSampler.
-        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        if not kwargs:
-            return 1, 0
-        return int(kwargs["num_replicas"]), int(kwargs["rank"])
-
     def train_dataloader(self) -> DataLoader:
         self.setup()
         assert self.train_dataset is not None
-        num_replicas, rank = self._replicas()
+        num_replicas, rank = self.replicas()
         per_rank = len(self.train_dataset) // num_replicas
         if per_rank < self.batch_size:
             raise ValueError(
@@ -479,7 +454,7 @@ class PretrainDataModule(TokenizedDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        num_replicas = self._sampler.num_replicas if self._sampler is not None else self._replicas()[0]
+        num_replicas = self._sampler.num_replicas if self._sampler is not None else self.replicas()[0]
         state = self._compat(num_replicas)
         if self._sampler is not None and self.trainer is not None:
             # Informative only (resume reads Lightning's counter): where the next batch comes from.

@@ -54,10 +54,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llama2_lightning.chat import Message, encode_prompt
-from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
+from llama2_lightning.data.readers import parse_hh_dialog, self_instruct_to_dialogs
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
-from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
+from llama2_lightning.jsonl import read_jsonl
 
 PromptFormat = Literal["prompts", "hh", "xstest", "self_instruct"]
 PROMPT_FORMATS: tuple[str, ...] = ("prompts", "hh", "xstest", "self_instruct")
@@ -331,30 +332,23 @@ class PromptDataModule(TokenizedDataModule):
         num_workers: int = 0,
         on_bad_line: Literal["error", "skip"] = "error",
     ) -> None:
-        super().__init__()
+        super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=True)
         self.sources = parse_prompt_sources(DEFAULT_PROMPT_SOURCES if sources is None else sources, "sources")
         if not self.sources:
             raise ValueError("sources is empty: give at least one prompt file (or null for the shipped default)")
         self.val_source_specs = parse_prompt_sources(val_sources or [], "val_sources")
-        check_ints(("max_prompt_len", max_prompt_len, 4), ("batch_size", batch_size, 1),
-                   ("num_workers", num_workers, 0), ("start_iteration", start_iteration, 0))
+        check_ints(("max_prompt_len", max_prompt_len, 4), ("start_iteration", start_iteration, 0))
         if val_batch_size is not None and val_batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1 or null, got {val_batch_size}")
         if max_val_prompts is not None and max_val_prompts < 1:
             raise ValueError(f"max_val_prompts must be >= 1 or null, got {max_val_prompts}")
-        check_val_fraction(val_fraction, allow_zero=True)
         check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         self.save_hyperparameters()
-        self.tokenizer_path = tokenizer_path
         self.max_prompt_len = max_prompt_len
-        self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.val_fraction = val_fraction
         self.max_val_prompts = max_val_prompts
         self.system_prompt = system_prompt
-        self.seed = seed
         self.start_iteration = start_iteration
-        self.num_workers = num_workers
         self.on_bad_line = on_bad_line
         self.train_dataset: PromptDataset | None = None
         self.val_dataset: PromptDataset | None = None
@@ -461,12 +455,6 @@ class PromptDataModule(TokenizedDataModule):
         rank_zero_info("\n".join(lines))
 
     # ----------------------------------------------------------------------------------- loaders
-    def _replicas(self) -> tuple[int, int]:
-        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        if not kwargs:
-            return 1, 0
-        return int(kwargs["num_replicas"]), int(kwargs["rank"])
-
     def _iterations_done(self) -> int:
         # One batch per iteration, so the trainer's count of finished training batches is the
         # iteration about to run; Lightning restores it from the checkpoint on resume.
@@ -476,7 +464,7 @@ class PromptDataModule(TokenizedDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         assert self.train_dataset is not None
-        num_replicas, rank = self._replicas()
+        num_replicas, rank = self.replicas()
         position = self._iterations_done if self.trainer is not None else None
         sampler = IterationSampler(self.train_dataset, self.batch_size, num_replicas, rank, self.seed, position)
         return DataLoader(self.train_dataset, batch_size=len(sampler), sampler=sampler,

@@ -35,11 +35,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import B_INST, E_INST, Message, encode_dialog
-from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints, check_val_fraction
-from llama2_lightning.dialogs import parse_hh_dialog, read_jsonl, self_instruct_to_dialogs
+from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
+from llama2_lightning.data.readers import parse_hh_dialog, self_instruct_to_dialogs
+from llama2_lightning.jsonl import read_jsonl
+from llama2_lightning.losses import IGNORE_INDEX
 from llama2_lightning.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 SourceFormat = Literal["messages", "self_instruct", "hh_chosen"]
 SOURCE_FORMATS: tuple[str, ...] = ("messages", "self_instruct", "hh_chosen")
 DEFAULT_SOURCE_PATH = "data/sft/self_instruct_seed_tasks.jsonl"
@@ -375,9 +376,8 @@ class SFTDataModule(TokenizedDataModule):
         packing: bool = False,
         on_bad_line: Literal["error", "skip"] = "error",
     ) -> None:
-        super().__init__()
-        check_ints(("max_seq_len", max_seq_len, 2), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0))
-        check_val_fraction(val_fraction, allow_zero=False)
+        super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=False)
+        check_ints(("max_seq_len", max_seq_len, 2))
         check_choice("truncation", truncation, ("drop", "left"))
         check_choice("on_bad_line", on_bad_line, ("error", "skip"))
         specs = sources if sources is not None else [SFTSource(DEFAULT_SOURCE_PATH, "self_instruct")]
@@ -387,12 +387,7 @@ class SFTDataModule(TokenizedDataModule):
         # Sources are stored as plain dicts so the hparams YAML stays readable and reloadable.
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in self.sources]
-        self.tokenizer_path = tokenizer_path
         self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.truncation = truncation
         self.packing = packing
         self.on_bad_line = on_bad_line

@@ -8,7 +8,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from llama2_lightning.checkpoint import load_checkpoint, read_config
 from llama2_lightning.config import LlamaConfig
+from llama2_lightning.distributed import shard_transformer
 from llama2_lightning.model import Transformer
 from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
 
@@ -29,8 +31,6 @@ def build_config(model: str | dict[str, Any] | None, model_overrides: dict[str, 
     if model is None:
         if not init_from:
             raise ValueError("model: give a preset name or config dict, or set init_from to take the checkpoint's")
-        from llama2_lightning.checkpoint import read_config
-
         return LlamaConfig.from_dict({**read_config(init_from).to_dict(), **overrides})
     if isinstance(model, str):
         return LlamaConfig.from_name(model, **overrides)
@@ -39,8 +39,6 @@ def build_config(model: str | dict[str, Any] | None, model_overrides: dict[str, 
 
 def load_initial_weights(model: Transformer, init_from: str) -> None:
     """Load a Meta / Hugging Face / Lightning checkpoint into ``model`` (possibly on the meta device)."""
-    from llama2_lightning.checkpoint import load_checkpoint
-
     config, state_dict = load_checkpoint(init_from)
     if config.architecture() != model.config.architecture():
         raise ValueError(f"init_from={init_from}: its config {config} differs from the module's {model.config}")
@@ -58,8 +56,6 @@ def build_transformer(config: LlamaConfig, init_from: str | None = None, activat
     """The language model of a stage, for ``configure_model``: under ModelParallelStrategy this runs on the
     meta device; loading assigns the checkpoint's tensors, FSDP2 shards per block, and the strategy
     materialises whatever is still empty with ``reset_parameters``."""
-    from llama2_lightning.distributed import shard_transformer
-
     model = Transformer(config)
     model.activation_checkpointing = activation_checkpointing
     if init_from:

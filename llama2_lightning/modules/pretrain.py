@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from llama2_lightning.losses import IGNORE_INDEX
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw, unpack_lm_batch
 from llama2_lightning.optim import OptimizerName
@@ -77,10 +78,10 @@ class PretrainModule(L.LightningModule):
     def _loss(self, batch: Any) -> tuple[Tensor, int]:
         x, y = unpack_lm_batch(batch)
         logits = self(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
         if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
             self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
-        return loss, int((y != -100).sum())
+        return loss, int((y != IGNORE_INDEX).sum())
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -1,6 +1,6 @@
 """Reward-model training: binary ranking loss with a preference-rating margin (paper section 3.2.2).
 
-The reward model is :class:`~llama2_lightning.heads.ScalarModel`, the chat model's ``Transformer``
+The reward model is :class:`~llama2_lightning.scalar_model.ScalarModel`, the chat model's ``Transformer``
 trunk with its LM head dropped plus a scalar head, and it is trained on preference pairs with
 
     L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(r))
@@ -33,12 +33,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from llama2_lightning.distributed import data_parallel_mesh, resolve_dtype, shard_transformer
-from llama2_lightning.heads import ScalarModel
+from llama2_lightning.distributed import data_parallel_mesh, shard_transformer
+from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, cosine_adamw, load_initial_weights
 from llama2_lightning.optim import OptimizerName
+from llama2_lightning.reward_models import is_reward_checkpoint, load_reward_weights
 from llama2_lightning.rlhf.ranking import MARGINS, MarginTable, margin_for, ranking_loss
+from llama2_lightning.scalar_model import ScalarModel
 
 # Prefixes of the reward model's tensors in a RewardModule state dict (module docstring).
 TRUNK_PREFIX = "model.trunk."
@@ -180,8 +182,6 @@ class RewardModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from llama2_lightning.scoring import is_reward_checkpoint, load_reward_weights
-
         hp = self.hparams
         # Under ModelParallelStrategy this runs on the meta device; the strategy materialises what
         # is still there (a trunk without init_from, the head) with each module's reset_parameters.

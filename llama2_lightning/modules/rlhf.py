@@ -37,7 +37,7 @@ Models
     initial policy pi_0 of the KL term (same weights, eval, no grad, optionally bf16); ``value_model``
     (PPO only): ``ScalarModel`` trunk + head, from ``value_init_from`` (a reward-model checkpoint keeps
     its head, any language-model checkpoint gets a new head) or by default from the policy's own
-    initial weights; ``reward``: any :class:`~llama2_lightning.rewards.RewardFunction`, outside the
+    initial weights; ``reward``: any :class:`~llama2_lightning.reward_functions.RewardFunction`, outside the
     state dict. The checkpoint's ``model.*`` weights and ``llama_config`` are the policy's, so an RLHF
     checkpoint is a valid ``init_from`` for the next round, ``chat`` or ``convert``.
 """
@@ -57,21 +57,23 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from llama2_lightning.chat import Message
+from llama2_lightning.checkpoint import read_config
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import data_parallel_mesh, gathered, is_sharded, resolve_dtype, shard_transformer
+from llama2_lightning.distributed import data_parallel_mesh, gathered, is_sharded, shard_transformer
+from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.generation import generate
-from llama2_lightning.heads import ScalarModel
+from llama2_lightning.losses import IGNORE_INDEX, answer_loss
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, load_initial_weights
-from llama2_lightning.modules.sft import answer_loss
 from llama2_lightning.optim import OptimizerName, build_optimizer, param_groups
-from llama2_lightning.rewards import FrozenDType, RewardFunction
+from llama2_lightning.reward_functions import FrozenDType, RewardFunction
+from llama2_lightning.reward_models import is_reward_checkpoint, load_reward_weights
 from llama2_lightning.rlhf.kl import kl_penalty
 from llama2_lightning.rlhf.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.tokenizer import Tokenizer
 
 Algorithm = Literal["ppo", "rejection_sampling"]
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -241,7 +243,7 @@ class RLHFModule(L.LightningModule):
             raise ValueError(f"algorithm {algorithm!r}; allowed: ppo, rejection_sampling")
         if reward is None:
             raise ValueError("reward: give a RewardFunction, e.g. "
-                             "class_path: llama2_lightning.rewards.Llama2DualReward")
+                             "class_path: llama2_lightning.reward_functions.Llama2DualReward")
         if model is None and init_from is None:
             raise ValueError("RLHFModule: set init_from (the SFT checkpoint) or model (a preset, random weights)")
         if frozen_dtype is not None and frozen_dtype not in ("float32", "bfloat16", "float16"):
@@ -341,14 +343,10 @@ class RLHFModule(L.LightningModule):
         self.model, self.ref_model, self.value_model = policy, ref, value
 
     def _build_value_model(self) -> ScalarModel:
-        from llama2_lightning.scoring import is_reward_checkpoint, load_reward_weights
-
         hp = self.hparams
         source = hp.value_init_from or hp.init_from
         config = self.config
         if hp.value_init_from:
-            from llama2_lightning.checkpoint import read_config
-
             config = read_config(hp.value_init_from)
         trunk = Transformer(config)
         trunk.activation_checkpointing = hp.activation_checkpointing

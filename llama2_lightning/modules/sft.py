@@ -13,29 +13,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from llama2_lightning.data.sft import IGNORE_INDEX, packed_attention_mask
+from llama2_lightning.data.sft import packed_attention_mask
+from llama2_lightning.losses import answer_loss
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw
 from llama2_lightning.optim import OptimizerName
-
-
-def answer_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean NLL over answer tokens, number of answer tokens, number of them predicted by argmax).
-
-    ``logits`` (B, T, V); ``labels`` (B, T) with ``IGNORE_INDEX`` off the answers. A position whose
-    label is ``IGNORE_INDEX`` adds nothing to the loss or its gradient, whatever its logits. The sum is
-    divided by the count clamped to 1, so a batch without answer tokens gives 0 rather than NaN.
-    """
-    mask = labels != IGNORE_INDEX  # (B, T)
-    n = mask.sum()
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum()
-    return nll / n.clamp(min=1), n, correct
 
 
 class SFTModule(L.LightningModule):

@@ -4,22 +4,11 @@ estimators and controllers, GAE, PPO losses, the safety-gated reward and the mar
 from llama2_lightning.rlhf.advantages import gae
 from llama2_lightning.rlhf.kl import kl_penalty
 from llama2_lightning.rlhf.kl_control import AdaptiveKLController, FixedKLController
-from llama2_lightning.rlhf.masking import (
-    check_contiguous,
-    last_true_index,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-)
+from llama2_lightning.rlhf.masking import check_contiguous, last_true_index, masked_mean, masked_var, masked_whiten
 from llama2_lightning.rlhf.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from llama2_lightning.rlhf.ranking import MARGINS, margin_for, ranking_loss
-from llama2_lightning.rlhf.rewards import (
-    SAFETY_THRESHOLD,
-    combine_rewards,
-    llama2_reward,
-    logit,
-    per_token_rewards,
-    whiten_rewards,
+from llama2_lightning.rlhf.reward_shaping import (
+    SAFETY_THRESHOLD, combine_rewards, llama2_reward, logit, per_token_rewards, whiten_rewards,
 )
 
 __all__ = [

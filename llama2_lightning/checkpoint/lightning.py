@@ -1,0 +1,59 @@
+"""Lightning ``.ckpt`` files and sharded checkpoint directories written by this package's modules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
+from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes, require_tensor_dict
+from llama2_lightning.config import LlamaConfig
+
+
+def load_lightning(path: str | os.PathLike[str], prefix: str = "model.") -> tuple[LlamaConfig, StateDict]:
+    """Read a ``.ckpt`` written by this package's LightningModules: the Transformer's weights are the
+    ``state_dict`` entries under ``prefix`` and its config is the plain dict ``llama_config``.
+    Entries under other prefixes (``ref_model.``, ``value_head.``...) belong to other submodules."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = consolidate_sharded(path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    else:
+        ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path}: expected a Lightning checkpoint dict, got {type(ckpt).__name__}")
+    for key in ("state_dict", "llama_config"):
+        if key not in ckpt:
+            raise ValueError(
+                f"{path}: Lightning checkpoint has no {key!r} entry (keys: {sorted(ckpt)}); "
+                "it was not written by a llama2-lightning module"
+            )
+    if not isinstance(ckpt["llama_config"], Mapping):
+        raise ValueError(f"{path}: 'llama_config' should be a dict (LlamaConfig.to_dict()), "
+                         f"got {type(ckpt['llama_config']).__name__}")
+    config = LlamaConfig.from_dict(dict(ckpt["llama_config"]))
+    full = require_tensor_dict(ckpt["state_dict"], path, "'state_dict'")
+    state_dict = {name[len(prefix):]: t for name, t in full.items() if name.startswith(prefix)}
+    if not state_dict:
+        prefixes = sorted({name.split(".", 1)[0] + "." for name in full})
+        raise ValueError(f"{path}: no weights under prefix {prefix!r}; the state_dict has prefixes {prefixes}")
+    check_state_dict(expected_shapes(config), state_dict, f"{path} (prefix {prefix!r})")
+    return config, state_dict
+
+
+def consolidate_sharded(path: Path) -> dict[str, object]:
+    """Gather a sharded checkpoint directory written by Lightning's ``ModelParallelStrategy``
+    (``torch.distributed.checkpoint`` shards of ``state_dict`` + ``meta.pt`` with the rest) into one
+    dict in this process, reading only the model weights (not the optimizer shards)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        raise ValueError(
+            f"{path} is a directory but not a sharded Lightning checkpoint (expected .metadata and meta.pt in it)"
+        )
+    ckpt = dict(require_mapping(safe_torch_load(path / "meta.pt"), path / "meta.pt"))
+    loaded = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
+    ckpt["state_dict"] = loaded["state_dict"]
+    return ckpt

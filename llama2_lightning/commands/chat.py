@@ -1,0 +1,111 @@
+"""``llama2-lightning chat``: a multi-turn conversation with a checkpoint on stdin/stdout.
+
+Also the model loading and answer sampling that ``llama2-lightning gatt`` shares with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.checkpoint import load_model
+from llama2_lightning.dtypes import DTYPES
+from llama2_lightning.generation import generate
+from llama2_lightning.model import Transformer
+from llama2_lightning.tokenizer import Tokenizer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt, or a Hugging Face or Meta directory")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside or inside --checkpoint)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights (default: keep the checkpoint's dtype)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 samples greedily")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_chat_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
+    """The checkpoint's model (in eval mode) and its tokenizer; argument problems exit through ``parser``."""
+    tok_path: Path | None = Path(args.tokenizer) if args.tokenizer else None
+    if tok_path is None:
+        base = Path(args.checkpoint)
+        tok_path = next((c for c in (base / "tokenizer.model", base.parent / "tokenizer.model") if c.is_file()), None)
+        if tok_path is None:
+            parser.error(f"no tokenizer.model beside --checkpoint {args.checkpoint}: pass --tokenizer PATH")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tokenizer = Tokenizer(tok_path)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    if model.config.vocab_size < tokenizer.vocab_size:
+        parser.error(f"model vocab_size {model.config.vocab_size} < {tok_path}'s {tokenizer.vocab_size} pieces: "
+                     "pass the tokenizer the model was trained with")
+    return model.eval(), tokenizer
+
+
+def sample_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int) -> list[str]:
+    """One answer per prompt (ids ending in ``[/INST]``), its text up to the first EOS, stripped the way
+    the chat format strips an answer."""
+    out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed)
+    return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.as_lists()]
+
+
+def cli_chat(argv: list[str] | None = None) -> int:
+    """``llama2-lightning chat``: a multi-turn conversation on stdin/stdout; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="llama2-lightning chat",
+        description="Chat with a checkpoint in the Llama 2-Chat format. One user turn per line; "
+                    "/reset forgets the conversation, /exit (or end of input) quits.",
+    )
+    parser.add_argument("--system", default=None, help="system prompt, folded into the first turn")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_chat_model(parser, args)
+    system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[Message] = []
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        user: Message = {"role": "user", "content": text}
+        ids = encode_prompt(tokenizer, system + history + [user])
+        # Forget the oldest exchange until the prompt leaves room for a full answer (the system prompt stays).
+        while history and len(ids) + args.max_new_tokens > model.config.max_seq_len:
+            history = history[2:]
+            print("(context full: forgot the oldest exchange)", file=sys.stderr)
+            ids = encode_prompt(tokenizer, system + history + [user])
+        budget = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
+        if budget < 1:
+            print(f"(that message is {len(ids)} tokens with the chat markup; the model's context is "
+                  f"{model.config.max_seq_len}: write a shorter one)", file=sys.stderr)
+            continue
+        [answer] = sample_answers(model, tokenizer, [ids], budget, args.temperature, args.top_p, seed=args.seed + turn)
+        print(answer, flush=True)
+        history += [user, {"role": "assistant", "content": answer}]
+        turn += 1
+    return 0

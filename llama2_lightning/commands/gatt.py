@@ -1,0 +1,174 @@
+"""``llama2-lightning gatt``: Ghost Attention training dialogs sampled turn by turn with a checkpoint.
+
+``llama2-lightning gatt`` builds Ghost Attention (GAtt) training dialogs (paper section 3.3). For each
+input dialog (its user turns; any assistant turns in the input are ignored) it draws an instruction
+(:func:`~llama2_lightning.gatt.sample_gatt_instruction`) and samples every answer with the current
+model while the instruction is appended to *every* user turn: turn 1 is answered, the answer joins the
+context, then turn 2, and so on, so each answer respects the instruction throughout the dialog. The
+written sample keeps the instruction only at the start of the dialog (:func:`~llama2_lightning.gatt.gatt_sample`:
+the system slot by default) and flags only the last answer for training.
+
+Output, one JSON object per line::
+
+    {"messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", ...}, {"role": "assistant", ...}, ...],
+     "gatt_instruction": INSTRUCTION,
+     "train_turns": [false, false, false, ..., true],   # one flag per message: GAtt trains the last answer only
+     "origin": "input.jsonl:LINE"}
+
+The ``messages`` format of :class:`~llama2_lightning.data.sft.SFTDataModule` reads these lines as they
+are; ``train_turns`` is what ``encode_dialog(..., train_turns=...)`` takes to zero the loss on every
+earlier turn, as the paper does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
+from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
+from llama2_lightning.jsonl import read_jsonl
+from llama2_lightning.model import Transformer
+from llama2_lightning.tokenizer import Tokenizer
+
+
+def _read_dialogs(path: Path, limit: int | None) -> list[tuple[str, str | None, list[str]]]:
+    """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file."""
+    out: list[tuple[str, str | None, list[str]]] = []
+    for lineno, record in read_jsonl(path):
+        origin = f"{path}:{lineno}"
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{origin}: expected an object with a non-empty 'messages' list")
+        system: str | None = None
+        users: list[str] = []
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"{origin}: message {k} must be {{'role': system|user|assistant, 'content': str}}")
+            if m["role"] == "system":
+                if k != 0:
+                    raise ValueError(f"{origin}: message {k}: a system message is only allowed first")
+                system = m["content"]
+            elif m["role"] == "user":
+                users.append(m["content"])
+        if not users:
+            raise ValueError(f"{origin}: the dialog has no user turn to answer")
+        out.append((origin, system, users))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[tuple[str | None, list[str]]],
+                        instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int, batch_size: int = 8) -> list[list[Message]]:
+    """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
+
+    ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
+    (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
+    whose prompt and answer would not fit the model's context, or whose answer comes out empty (an empty
+    last answer would teach the model to say nothing); one with no turn answered comes back with no
+    assistant message. Turn k of up to ``batch_size`` dialogs is sampled in one batch.
+    """
+    if len(dialogs) != len(instructions):
+        raise ValueError(f"{len(dialogs)} dialogs but {len(instructions)} instructions")
+    seeds = random.Random(seed)  # one generation seed per batch call, in a fixed call order
+    results: list[list[Message]] = [[{"role": "system", "content": s}] if s is not None else [] for s, _ in dialogs]
+    for start in range(0, len(dialogs), batch_size):
+        open_rows = set(range(start, min(start + batch_size, len(dialogs))))
+        turn = 0
+        while True:
+            rows, prompts = [], []
+            for i in sorted(open_rows):
+                users = dialogs[i][1]
+                if turn >= len(users):
+                    open_rows.discard(i)
+                    continue
+                context = results[i] + [{"role": "user", "content": users[turn]}]
+                ids = encode_prompt(tokenizer, append_instruction(context, instructions[i]))
+                if len(ids) + max_new_tokens > model.config.max_seq_len:
+                    open_rows.discard(i)
+                    continue
+                rows.append(i)
+                prompts.append(ids)
+            if not rows:
+                break
+            answers = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
+                                     seed=seeds.randrange(2**31))
+            for i, answer in zip(rows, answers):
+                if not answer:
+                    open_rows.discard(i)
+                    continue
+                results[i] += [{"role": "user", "content": dialogs[i][1][turn]},
+                               {"role": "assistant", "content": answer}]
+            turn += 1
+    return results
+
+
+def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cli_gatt(argv: list[str] | None = None) -> int:
+    """``llama2-lightning gatt``: returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="llama2-lightning gatt",
+        description="Sample Ghost Attention (GAtt) dialogs: answers drawn with a random instruction on every "
+                    "user turn, written with the instruction only at the start (paper section 3.3).",
+    )
+    parser.add_argument("--input", required=True, type=Path,
+                        help='JSONL of {"messages": [...]} dialogs; only the system and user turns are used')
+    parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/commands/gatt.py)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N dialogs")
+    parser.add_argument("--placement", choices=("system", "first_user"), default="system",
+                        help="where the instruction stays in the written dialog (see gatt.gatt_sample)")
+    parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        inputs = _read_dialogs(args.input, args.limit)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    model, tokenizer = load_chat_model(parser, args)
+
+    rng = random.Random(args.seed)
+    # Drawn before any sampling, so a dialog's instruction depends on the seed and its position only.
+    instructions = [sample_gatt_instruction(rng) for _ in inputs]
+    sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
+                                  args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size)
+    records: list[dict[str, Any]] = []
+    shortened = skipped = 0
+    for (origin, _, users), instruction, dialog in zip(inputs, instructions, sampled):
+        answered = sum(m["role"] == "assistant" for m in dialog)
+        if answered == 0:
+            skipped += 1
+            continue
+        shortened += answered < len(users)
+        # gatt_sample takes the dialog as it was sampled (instruction on every user turn) and keeps the
+        # instruction at the start only; it refuses a dialog that was not built that way.
+        messages, flags = gatt_sample(append_instruction(dialog, instruction), instruction, args.placement)
+        records.append({"messages": messages, "gatt_instruction": instruction, "train_turns": flags,
+                        "origin": origin})
+    _write_jsonl_atomic(args.output, records)
+    print(f"wrote {len(records)} GAtt dialogs to {args.output} ({shortened} shortened to fit the context or at an "
+          f"empty answer, {skipped} skipped: not even the first turn could be answered)")
+    return 0

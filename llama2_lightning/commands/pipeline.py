@@ -1,0 +1,44 @@
+"""``llama2-lightning pipeline``: run a pipeline file (see :mod:`llama2_lightning.pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from llama2_lightning.pipeline.report import write_report
+from llama2_lightning.pipeline.run import run_pipeline
+from llama2_lightning.pipeline.spec import PipelineError, load_pipeline, stage_configs
+
+
+def cli_pipeline(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llama2-lightning pipeline",
+        description="Run the Llama 2 recipe's stages in order (pretraining, SFT, reward models, rejection "
+                    "sampling, PPO), each a `fit` of its own config, then write report.md.")
+    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/tiny.yaml")
+    parser.add_argument("--run-dir", help="override the file's run_dir")
+    parser.add_argument("--from-stage", metavar="NAME", help="rerun NAME and every later stage (their old "
+                        "directories are moved to <run_dir>/.superseded/)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.md")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write report.md from finished stages")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's merged config and stop")
+    parser.add_argument("--verbose", action="store_true", help="stream every stage's output, not only progress lines")
+    args = parser.parse_args(argv)
+    try:
+        pipe = load_pipeline(args.config, args.run_dir)
+        if args.dry_run:
+            for stage, config in zip(pipe.stages, stage_configs(pipe).values()):
+                print(f"# --- stage {stage.name} ({stage.config})")
+                print(yaml.safe_dump(config, sort_keys=False))
+            return 0
+        if args.report_only:
+
+            print(f"report: {write_report(pipe)}")
+            return 0
+        run_pipeline(pipe, args.from_stage, report=not args.no_report, echo=args.verbose)
+    except PipelineError as err:
+        print(f"llama2-lightning pipeline: {err}", file=sys.stderr)
+        return 1
+    return 0

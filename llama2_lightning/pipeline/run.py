@@ -1,0 +1,120 @@
+"""Running a pipeline's stages, each a ``llama2-lightning fit`` in a fresh process, with resume and skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llama2_lightning.pipeline.metrics import format_duration, last_value, read_metrics
+from llama2_lightning.pipeline.report import write_report
+from llama2_lightning.pipeline.spec import MARKER, STAGE_CONFIG, STAGE_LOG, Pipeline, PipelineError, Stage, stage_config
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def supersede(pipe: Pipeline, from_stage: str) -> list[Path]:
+    """Move ``from_stage``'s and every later stage's directory aside; returns where they went."""
+    names = [s.name for s in pipe.stages]
+    start = names.index(pipe.stage(from_stage).name)
+    dest = pipe.run_dir / ".superseded" / time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in names[start:]:
+        src = pipe.stage_dir(name)
+        if src.exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dest / name))
+            moved.append(dest / name)
+    return moved
+
+
+def run_stage(pipe: Pipeline, stage: Stage, resume: Path | None, echo: bool) -> None:
+    """One ``llama2-lightning fit`` in a fresh process; raises ``PipelineError`` with the log's tail."""
+    d = pipe.stage_dir(stage.name)
+    d.mkdir(parents=True, exist_ok=True)
+    config_path = d / STAGE_CONFIG
+    config_path.write_text(f"# written by `llama2-lightning pipeline --config {pipe.path}`: stage {stage.name!r}, "
+                           f"from {stage.config}\n" + yaml.safe_dump(stage_config(pipe, stage), sort_keys=False))
+    cmd = [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(config_path)]
+    if resume is not None:
+        cmd += ["--ckpt_path", str(resume)]
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env["PYTHONUNBUFFERED"] = "1"
+    with (d / STAGE_LOG).open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        if echo:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            rc = proc.wait()
+        else:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        raise PipelineError(f"stage {stage.name!r} failed (exit {rc}); last lines of {d / STAGE_LOG}:\n"
+                            f"{_log_tail(d / STAGE_LOG)}\nfix it and rerun the same command: finished stages are "
+                            "skipped and this one resumes from its last checkpoint")
+    if not pipe.output(stage.name).exists():
+        raise PipelineError(f"stage {stage.name!r} finished but wrote no checkpoint at {pipe.output(stage.name)} "
+                            f"(its ModelCheckpoint must save_last into {d}/checkpoints, or set the stage's "
+                            "'checkpoint' key)")
+
+
+def run_pipeline(pipe: Pipeline, from_stage: str | None = None, report: bool = True, echo: bool = False,
+                 print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage that has not finished, then write the report; returns the stages' records."""
+    if from_stage is not None:
+        for moved in supersede(pipe, from_stage):
+            print_fn(f"moved {moved.name} aside to {moved}")
+    pipe.run_dir.mkdir(parents=True, exist_ok=True)
+    n = len(pipe.stages)
+    start = time.perf_counter()
+    records: dict[str, Any] = {}
+    for i, stage in enumerate(pipe.stages, start=1):
+        d = pipe.stage_dir(stage.name)
+        marker = d / MARKER
+        head = f"[{i}/{n}] {stage.name:<14}"
+        if marker.exists() and pipe.output(stage.name).exists():
+            records[stage.name] = json.loads(marker.read_text())
+            print_fn(f"{head} done earlier, skipped ({records[stage.name]['checkpoint']})")
+            continue
+        ckpt = pipe.output(stage.name)
+        resume = ckpt if ckpt.exists() else None
+        print_fn(f"{head} {'resuming from ' + str(ckpt) if resume else 'running'} ({stage.config}; log: "
+                 f"{d / STAGE_LOG})")
+        t0 = time.perf_counter()
+        run_stage(pipe, stage, resume, echo)
+        elapsed = time.perf_counter() - t0
+        rows = read_metrics(d)
+        value = last_value(rows, stage.metric) if stage.metric else None
+        record = {"stage": stage.name, "config": str(stage.config), "checkpoint": str(ckpt), "elapsed_s": elapsed,
+                  "metric": stage.metric, "value": value, "resumed": resume is not None,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (d / (MARKER + ".tmp")).write_text(json.dumps(record, indent=2))
+        os.replace(d / (MARKER + ".tmp"), marker)
+        records[stage.name] = record
+        shown = f"  {stage.metric}={value:.4g}" if value is not None else ""
+        print_fn(f"{head} done in {format_duration(elapsed)} (pipeline {format_duration(time.perf_counter() - start)}){shown}")
+    if report and pipe.report is not None:
+
+        t0 = time.perf_counter()
+        path = write_report(pipe, print_fn=print_fn)
+        print_fn(f"report: {path} ({format_duration(time.perf_counter() - t0)}; pipeline "
+                 f"{format_duration(time.perf_counter() - start)})")
+    return records
