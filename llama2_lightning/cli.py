@@ -51,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "score-pairs": ("score", "cli_score_pairs", "reward-model accuracy on preference files (JSON summary last)"),
     "score": ("score", "cli_score", "reward-model scores of answers to a prompt"),
     "export-rm": ("score", "cli_export_rm", "reward-model checkpoint to Hugging Face LlamaForSequenceClassification"),
+    "memory": ("memory", "cli_memory", "per-GPU memory of a config over N simulated ranks (JSON summary last)"),
 }
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from llama2_lightning.distributed import is_sharded
 from llama2_lightning.model import KVCache, Transformer
+from llama2_lightning.shard_loading import device_mesh_of
 
 
 @dataclass
@@ -163,7 +164,7 @@ def release_compiled_decode(model: Transformer) -> None:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
              seed: int | None = None, num_samples: int = 1, compile: bool = False,
-             output_logits: bool = False) -> GenerationOutput:
+             output_logits: bool = False, batch_size: int | None = None) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` after each prompt; a row stops at its first ``eos_id``.
 
     ``num_samples``: answers per prompt, returned as ``len(prompts) * num_samples`` rows in the order
@@ -176,12 +177,64 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     compiled step keeps a cache of its own per batch shape (and, on CUDA, its CUDA graphs' memory)
     on the model between calls, until :func:`release_compiled_decode`. Its prompt bucket costs up to
     twice the prompt's slots in prefill and attention; padded slots are masked, so the samples are
-    those of eager decoding up to floating-point rounding."""
+    those of eager decoding up to floating-point rounding.
+
+    ``batch_size``: decode at most this many prompts at a time (each with its ``num_samples`` rows),
+    which bounds the KV cache (B x (P + N) x layers x 2 x G x D); the rows come back in order, as one
+    output. A sharded model (FSDP2, not gathered) decodes in lockstep: every rank runs the same number
+    of chunks and steps, until every rank's rows have ended, because each forward is a collective."""
+    sync = _lockstep_group(model)
     # FSDP2's all-gathered parameters cannot be used under inference_mode; no_grad is enough there.
     # Compiled code traced under no_grad is reused under no_grad only, so it keeps to no_grad too.
     with torch.inference_mode(not (is_sharded(model) or compile)), torch.no_grad():
-        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, seed,
-                         num_samples, compile, output_logits)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        size = batch_size or max(len(prompts), 1)
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        n_chunks = _max_over_ranks(len(chunks), sync, model.output.weight.device)
+        outs = []
+        for c in range(n_chunks):
+            # a rank with fewer chunks decodes a throwaway one so that the others' collectives complete
+            part = chunks[c] if c < len(chunks) else prompts[:1]
+            out = _generate(model, part, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                            None if seed is None else seed + c, num_samples, compile, output_logits, sync)
+            if c < len(chunks):
+                outs.append(out)
+        return outs[0] if len(outs) == 1 else _concat(outs, pad_id)
+
+
+def _lockstep_group(model: nn.Module) -> object | None:
+    """The process group whose ranks must step together: that of a sharded model's mesh, else none."""
+    mesh = device_mesh_of(model)
+    if mesh is None or not torch.distributed.is_initialized() or mesh.size() == 1:
+        return None
+    return mesh.get_group() if mesh.ndim == 1 else torch.distributed.group.WORLD
+
+
+def _max_over_ranks(value: int, group: object | None, device: torch.device) -> int:
+    if group is None:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def _concat(outs: list[GenerationOutput], pad_id: int) -> GenerationOutput:
+    """Stack chunk outputs row-wise, padding each to the longest chunk's N."""
+    n = max(o.tokens.size(1) for o in outs)
+
+    def pad(t: Tensor, value: float) -> Tensor:  # (b, n_i, ...) -> (b, n, ...)
+        extra = n - t.size(1)
+        if extra == 0:
+            return t
+        return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), value)], dim=1)
+
+    logits = [o.logits for o in outs]
+    return GenerationOutput(
+        torch.cat([pad(o.tokens, pad_id) for o in outs]), torch.cat([pad(o.logprobs, 0.0) for o in outs]),
+        torch.cat([o.lengths for o in outs]),
+        torch.cat([pad(x, 0.0) for x in logits]) if all(x is not None for x in logits) else None,
+    )
 
 
 def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
@@ -211,7 +264,7 @@ def _copy_rows_of_cache(model: Transformer, k: int) -> None:
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float, eos_id: int | None, pad_id: int, seed: int | None,
-              num_samples: int, compile: bool, output_logits: bool) -> GenerationOutput:
+              num_samples: int, compile: bool, output_logits: bool, sync: object | None = None) -> GenerationOutput:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if temperature < 0:
@@ -258,7 +311,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
         if isinstance(step, _CompiledDecodeStep):
             step.adopt_cache(model)
         return _decode(step, logits, valid, positions, P, max_new_tokens, temperature, top_k, top_p, eos_id,
-                       pad_id, generator, output_logits)
+                       pad_id, generator, output_logits, sync)
     finally:
         model.reset_kv_cache()
         model.train(was_training)
@@ -266,7 +319,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 
 def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P: int, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float, eos_id: int | None, pad_id: int,
-            generator: torch.Generator | None, output_logits: bool) -> GenerationOutput:
+            generator: torch.Generator | None, output_logits: bool, sync: object | None = None) -> GenerationOutput:
     """The token loop: ``logits`` (B, V) are the prefill's; ``valid`` / ``positions`` (B, S) per slot."""
     B, V = logits.shape
     device = logits.device
@@ -286,8 +339,10 @@ def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P
         out_lengths += (~finished).long()
         if eos_id is not None:
             finished |= nxt == eos_id
-            if bool(finished.all()):
-                break
+        # sharded, stop only when every rank's rows have ended: each forward is a collective
+        if (eos_id is not None or sync is not None) and \
+                _max_over_ranks(int(not bool(finished.all())), sync, device) == 0:
+            break
         if t + 1 == max_new_tokens:
             break
         slot = P + t

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from llama2_lightning.checkpoint import load_checkpoint, read_config
+from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import shard_transformer
+from llama2_lightning.distributed import is_sharded, shard_scalar_model, shard_transformer
 from llama2_lightning.model import Transformer
 from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
+from llama2_lightning.reward_models import is_reward_checkpoint, read_reward_checkpoint
+from llama2_lightning.scalar_model import ScalarModel
+from llama2_lightning.shard_loading import device_mesh_of, load_distributed, materialization_device, materialize
 
 
 def unpack_lm_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -37,31 +41,75 @@ def build_config(model: str | dict[str, Any] | None, model_overrides: dict[str, 
     return LlamaConfig.from_dict({**model, **overrides})
 
 
-def load_initial_weights(model: Transformer, init_from: str) -> None:
-    """Load a Meta / Hugging Face / Lightning checkpoint into ``model`` (possibly on the meta device)."""
-    config, state_dict = load_checkpoint(init_from)
-    if config.architecture() != model.config.architecture():
-        raise ValueError(f"init_from={init_from}: its config {config} differs from the module's {model.config}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if model.rope_table.is_meta:
-        # The RoPE table is not in the state dict; a meta tensor left behind would make the strategy
-        # re-materialise (and so re-initialise) the whole model.
-        model.rope_table = torch.empty_like(model.rope_table, device=state_dict["output.weight"].device)
-        model.reset_parameters()
+def load_initial_weights(model: nn.Module, init_from: str, device: torch.device | str | None = None,
+                         prefix: str = "") -> None:
+    """Fill ``model`` (meta-device or not, sharded or not) from a Meta / Hugging Face / Lightning
+    checkpoint of a language model: each rank copies only its own slice, cast to the model's dtype, so
+    master weights stay float32 when the checkpoint holds bf16. ``prefix`` places the checkpoint's
+    Transformer inside ``model`` (``"trunk."`` for a reward or value model, whose dropped LM head skips
+    ``output.weight`` and whose new head is initialised). A sharded Lightning checkpoint directory is
+    read shard by shard with ``torch.distributed.checkpoint`` when the model is sharded too."""
+    config = read_config(init_from)
+    target = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    if config.architecture() != target.config.architecture():
+        raise ValueError(f"init_from={init_from}: its config {config} differs from the module's {target.config}")
+    device = device if device is not None else materialization_device(device_mesh_of(model))
+    own = {name for name, _ in model.state_dict().items()}
+    if Path(init_from).is_dir() and detect_format(init_from) == "lightning" and is_sharded(model) and not prefix:
+        materialize(model, device)  # storage (random values), overwritten by this rank's shards below
+        load_distributed(model, init_from)
+        return
+    _, state_dict = load_checkpoint(init_from)  # memory-mapped where the format allows
+    state_dict = {prefix + k: v for k, v in state_dict.items() if prefix + k in own or not prefix}
+    materialize(model, device, state_dict, source=str(init_from))
 
 
 def build_transformer(config: LlamaConfig, init_from: str | None = None, activation_checkpointing: bool = False,
                       device_mesh: Any = None, param_dtype: str | None = None,
-                      reduce_dtype: str | None = "float32") -> Transformer:
-    """The language model of a stage, for ``configure_model``: under ModelParallelStrategy this runs on the
-    meta device; loading assigns the checkpoint's tensors, FSDP2 shards per block, and the strategy
-    materialises whatever is still empty with ``reset_parameters``."""
-    model = Transformer(config)
+                      reduce_dtype: str | None = "float32", dtype: torch.dtype | None = None) -> Transformer:
+    """The language model of a stage, for ``configure_model``: built on the meta device (no memory),
+    sharded per block by FSDP2 when there is a mesh, then materialised: each rank allocates its shard and
+    copies its slice of ``init_from`` (or initialises it randomly without one). ``dtype``: the weights'
+    own dtype (a frozen reference model in bf16); default the current default dtype (float32 master
+    weights, or what Lightning's precision plugin set)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if dtype is not None:
+        model.to(dtype)  # on meta: no memory; the RoPE table stays float32
     model.activation_checkpointing = activation_checkpointing
-    if init_from:
-        load_initial_weights(model, init_from)
     if device_mesh is not None:
         shard_transformer(model, device_mesh, param_dtype, reduce_dtype)
+    device = materialization_device(device_mesh)
+    if init_from:
+        load_initial_weights(model, init_from, device)
+    else:
+        materialize(model, device)
+    return model
+
+
+def build_scalar_model(config: LlamaConfig, init_from: str | None = None, activation_checkpointing: bool = False,
+                       device_mesh: Any = None, param_dtype: str | None = None,
+                       reduce_dtype: str | None = "float32", dtype: torch.dtype | None = None) -> ScalarModel:
+    """A reward or value model (trunk + scalar head, LM head dropped: the paper's swap), built, sharded
+    and loaded like :func:`build_transformer`. ``init_from``: a reward checkpoint (trunk and head) or a
+    language-model checkpoint (its trunk, a new head)."""
+    with torch.device("meta"):
+        model = ScalarModel.from_transformer(Transformer(config), drop_lm_head=True)
+    if dtype is not None:
+        model.to(dtype)
+    model.trunk.activation_checkpointing = activation_checkpointing
+    if device_mesh is not None:
+        shard_scalar_model(model, device_mesh, param_dtype, reduce_dtype)
+    device = materialization_device(device_mesh)
+    if init_from and is_reward_checkpoint(init_from):
+        found, state_dict, _ = read_reward_checkpoint(init_from)
+        if found.architecture() != config.architecture():
+            raise ValueError(f"init_from={init_from}: its config {found} differs from the module's {config}")
+        materialize(model, device, state_dict, source=str(init_from))
+    elif init_from:
+        load_initial_weights(model, init_from, device, prefix="trunk.")
+    else:
+        materialize(model, device)
     return model
 
 

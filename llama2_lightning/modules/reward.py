@@ -33,12 +33,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from llama2_lightning.distributed import data_parallel_mesh, shard_transformer
-from llama2_lightning.dtypes import resolve_dtype
-from llama2_lightning.model import Transformer
-from llama2_lightning.modules.common import build_config, cosine_adamw, load_initial_weights
+from llama2_lightning.modules.common import build_config, build_scalar_model, cosine_adamw
 from llama2_lightning.optim import OptimizerName
-from llama2_lightning.reward_models import is_reward_checkpoint, load_reward_weights
 from llama2_lightning.rlhf.ranking import MARGINS, MarginTable, margin_for, ranking_loss
 from llama2_lightning.scalar_model import ScalarModel
 
@@ -183,29 +179,9 @@ class RewardModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        # Under ModelParallelStrategy this runs on the meta device; the strategy materialises what
-        # is still there (a trunk without init_from, the head) with each module's reset_parameters.
-        trunk = Transformer(self.config)
-        trunk.activation_checkpointing = hp.activation_checkpointing
-        reward_init = bool(hp.init_from) and is_reward_checkpoint(hp.init_from)
-        if hp.init_from and not reward_init:
-            load_initial_weights(trunk, hp.init_from)  # checks the architecture, then drops nothing yet
-        model = ScalarModel.from_transformer(trunk, drop_lm_head=True)  # the paper's LM-head swap
-        if reward_init:
-            load_reward_weights(model, hp.init_from)
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-            shard_transformer(model.trunk, self.device_mesh, hp.param_dtype, hp.reduce_dtype)
-            # ScalarModel calls trunk.forward_hidden, not trunk(...): without this the trunk's unit
-            # (embeddings, final norm) would never be all-gathered before use.
-            register_fsdp_forward_method(model.trunk, "forward_hidden")
-            # The root unit owns the head: without it the head's gradient would not be reduced
-            # across data-parallel ranks.
-            policy = MixedPrecisionPolicy(param_dtype=resolve_dtype(hp.param_dtype),
-                                          reduce_dtype=resolve_dtype(hp.reduce_dtype))
-            fully_shard(model, mesh=data_parallel_mesh(self.device_mesh), mp_policy=policy)
-        self.model = model
+        # On the meta device, sharded, then each rank materialises and loads its own shard only.
+        self.model = build_scalar_model(self.config, hp.init_from, hp.activation_checkpointing, self.device_mesh,
+                                        hp.param_dtype, hp.reduce_dtype)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Scores (N,) float32 of N sequences (N, T), read at each row's last real token."""
