@@ -52,7 +52,7 @@ def _free_port() -> int:
 def test_two_processes_whiten_like_one_and_uneven_pools_do_not_hang() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("collective_run.py"))], env={**env, "RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "collective_run.py")], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         outs = [p.communicate(timeout=300) for p in procs]  # a hang fails here instead of blocking CI
