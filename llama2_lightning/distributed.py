@@ -29,7 +29,7 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 def shard_transformer(model: Transformer, mesh: DeviceMesh, param_dtype: str | None = None,
                       reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
-                      float32_outputs: bool = True) -> Transformer:
+                      float32_outputs: bool = False) -> Transformer:
     """Apply ``fully_shard`` per block and to the root. ``param_dtype="bfloat16"`` computes in bf16
     while the sharded master weights stay in their own dtype; gradients reduce in ``reduce_dtype``."""
     dp_mesh = data_parallel_mesh(mesh)
@@ -40,7 +40,8 @@ def shard_transformer(model: Transformer, mesh: DeviceMesh, param_dtype: str | N
                                         cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=block_policy, reshard_after_forward=reshard_after_forward)
-    # float32_outputs=False: the hidden states go on to a head in the compute dtype (ScalarModel)
+    # float32_outputs: logits for the losses (a language model); not for a trunk whose hidden states go
+    # on to a head in the compute dtype (ScalarModel)
     fully_shard(model, mesh=dp_mesh, mp_policy=root_policy(param_dtype, reduce_dtype) if float32_outputs else policy,
                 reshard_after_forward=reshard_after_forward)
     return model
@@ -58,7 +59,7 @@ def shard_scalar_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str | No
                        reduce_dtype: str | None = "float32") -> nn.Module:
     """Shard a ``ScalarModel`` (reward or value model): the trunk as :func:`shard_transformer` does, and
     a root unit that owns the head, so that the head's gradient is reduced across ranks too."""
-    shard_transformer(model.trunk, mesh, param_dtype, reduce_dtype, float32_outputs=False)
+    shard_transformer(model.trunk, mesh, param_dtype, reduce_dtype)
     # ScalarModel calls trunk.forward_hidden and PPO calls forward_all: FSDP2 hooks only forward(),
     # so both units must gather on these methods too.
     register_fsdp_forward_method(model.trunk, "forward_hidden")

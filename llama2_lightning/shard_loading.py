@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -83,8 +84,6 @@ def load_distributed(module: nn.Module, path: str | os.PathLike[str], prefix: st
     """Fill a materialised, sharded ``module`` from a ``torch.distributed.checkpoint`` directory (what
     Lightning's ``ModelParallelStrategy`` saves): each rank reads its own shards, nothing is gathered.
     The module's weights are the entries of the checkpoint's ``state_dict`` under ``prefix``."""
-    import torch.distributed.checkpoint as dcp
-
     targets = {f"{prefix}{name}": t for name, t in module.state_dict().items()}
     dcp.load({"state_dict": targets}, checkpoint_id=str(path))
 

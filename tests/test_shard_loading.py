@@ -57,7 +57,7 @@ def test_bf16_fsdp2_keeps_rope_float32(mesh1: object) -> None:
     bf16 rounding of the float32 model, with activation checkpointing on."""
     torch.manual_seed(0)
     ref = Transformer.from_name("tiny")
-    model = shard_transformer(copy.deepcopy(ref), mesh1, "bfloat16", "float32")
+    model = shard_transformer(copy.deepcopy(ref), mesh1, "bfloat16", "float32", float32_outputs=True)
     model.activation_checkpointing = True
     seen: list[torch.dtype] = []
     model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[1].dtype))

@@ -78,7 +78,7 @@ def build_transformer(config: LlamaConfig, init_from: str | None = None, activat
         model.to(dtype)  # on meta: no memory; the RoPE table stays float32
     model.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
-        shard_transformer(model, device_mesh, param_dtype, reduce_dtype)
+        shard_transformer(model, device_mesh, param_dtype, reduce_dtype, float32_outputs=True)
     device = materialization_device(device_mesh)
     if init_from:
         load_initial_weights(model, init_from, device)
