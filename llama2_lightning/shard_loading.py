@@ -38,6 +38,11 @@ def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    # every name a tied parameter goes by (an output layer tied to the embeddings) is a valid key
+    return dict(itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers()))
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -51,33 +56,30 @@ def materialize(module: nn.Module, device: torch.device | str, state_dict: Mappi
     ``reset_parameters``. ``state_dict`` keys must all belong to ``module`` (``source`` names the file in
     the error)."""
     state_dict = state_dict or {}
-    own = dict(itertools.chain(module.named_parameters(), module.named_buffers()))
-    unexpected = sorted(set(state_dict) - set(own))
+    unexpected = sorted(set(state_dict) - set(_named_tensors(module)))
     if unexpected:
         raise ValueError(f"{source}: tensors that the model does not have: {', '.join(unexpected[:8])}"
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
     if has_meta_tensors(module):
         module.to_empty(device=device)  # FSDP2 re-points its sharded parameters at the new storage
-    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+    # Initialise what the checkpoint lacks first, so that a partly loaded module keeps the loaded part.
+    for prefix, sub in module.named_modules():
+        mine = [n for n, t in itertools.chain(sub.named_parameters(recurse=False), sub.named_buffers(recurse=False))
+                if t.numel() > 0]  # an empty placeholder (a dropped LM head's) holds nothing to load
+        if all((f"{prefix}.{n}" if prefix else n) in state_dict for n in mine):
+            continue
+        reset = getattr(sub, "reset_parameters", None)
+        if reset is None:
+            raise ValueError(f"{source}: no weights for {prefix or type(module).__name__} "
+                             f"({type(sub).__name__}, which has no reset_parameters)")
+        reset()
+    for name, tensor in _named_tensors(module).items():  # after to_empty: the new tensors
         if name in state_dict:
             try:
                 piece = local_slice(state_dict[name], tensor)
             except ValueError as err:
                 raise ValueError(f"{source}: tensor {name}: {err}") from None
             _local(tensor).copy_(piece)  # reads only this rank's rows of a memory-mapped checkpoint
-    for sub in module.modules():
-        mine = [n for n, t in itertools.chain(sub.named_parameters(recurse=False), sub.named_buffers(recurse=False))
-                if t.numel() > 0]  # an empty placeholder (a dropped LM head's) holds nothing to load
-        if not mine:
-            continue
-        prefix = next(p for p, m in module.named_modules() if m is sub)
-        loaded = all((f"{prefix}.{n}" if prefix else n) in state_dict for n in mine)
-        if not loaded:
-            reset = getattr(sub, "reset_parameters", None)
-            if reset is None:
-                raise ValueError(f"{source}: no weights for {prefix or type(module).__name__} "
-                                 f"({type(sub).__name__}, which has no reset_parameters)")
-            reset()
 
 
 def load_distributed(module: nn.Module, path: str | os.PathLike[str], prefix: str = "model.") -> None:
