@@ -43,6 +43,15 @@ def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
     return dict(itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers()))
 
 
+def _tied_groups(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, attribute) pairs that hold one shared parameter, for each parameter shared by several."""
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            groups.setdefault(id(p), []).append((sub, name))
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -61,7 +70,11 @@ def materialize(module: nn.Module, device: torch.device | str, state_dict: Mappi
         raise ValueError(f"{source}: tensors that the model does not have: {', '.join(unexpected[:8])}"
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
     if has_meta_tensors(module):
+        tied = _tied_groups(module)
         module.to_empty(device=device)  # FSDP2 re-points its sharded parameters at the new storage
+        for (owner, attr), *others in tied:  # to_empty gives each name its own tensor: tie them again
+            for sub, name in others:
+                setattr(sub, name, getattr(owner, attr))
     # Initialise what the checkpoint lacks first, so that a partly loaded module keeps the loaded part.
     for prefix, sub in module.named_modules():
         mine = [n for n, t in itertools.chain(sub.named_parameters(recurse=False), sub.named_buffers(recurse=False))

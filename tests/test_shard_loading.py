@@ -147,3 +147,23 @@ def test_two_ranks_hold_half_the_model_in_host_memory(tmp_path: Path) -> None:
         assert r["local_bytes"] == r["model_bytes"] // 2
         # its shard (336 MB) plus read buffers; the whole model would be 673 MB
         assert r["local_bytes"] <= growth < 0.75 * r["model_bytes"], (growth, r)
+
+
+def test_partly_loaded_and_tied_modules() -> None:
+    """A tied weight loads under either name; a module the checkpoint covers only in part keeps the part
+    it covers (its reset runs first) and initialises the rest."""
+    from llama2_lightning.shard_loading import materialize
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 3)
+            self.out = torch.nn.Linear(3, 4, bias=True)
+            self.out.weight = self.emb.weight
+
+    with torch.device("meta"):
+        model = Tied()
+    weight = torch.arange(12.0).view(4, 3)
+    materialize(model, "cpu", {"emb.weight": weight, "out.weight": weight})  # bias: initialised
+    assert model.out.weight is model.emb.weight and torch.equal(model.emb.weight, weight)
+    assert not model.out.bias.is_meta and torch.isfinite(model.out.bias).all()
