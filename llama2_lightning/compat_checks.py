@@ -11,6 +11,7 @@ from or resuming such a checkpoint with a different tokenizer is refused unless 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,8 @@ def check_tokenizer_hash(checkpoint: str | os.PathLike[str], recorded: str | Non
     if recorded is None or tokenizer is None or tokenizer.content_hash() == recorded:
         return
     if allow_change:
-        print(f"warning: {role} {checkpoint} was trained with another tokenizer than {datamodule.tokenizer_path} "
-              "(allow_tokenizer_change: true)", flush=True)
+        warnings.warn(f"{role} {checkpoint} was trained with another tokenizer than {datamodule.tokenizer_path}; "
+                      "continuing because allow_tokenizer_change is true", stacklevel=2)
         return
     raise CompatibilityError(
         f"{role} {checkpoint} was trained with a different tokenizer (sha256 {recorded[:12]}...) than the data's "

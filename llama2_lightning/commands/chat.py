@@ -96,13 +96,15 @@ def cli_chat(argv: list[str] | None = None) -> int:
             history = []
             continue
         user: Message = {"role": "user", "content": text}
-        alone = encode_prompt(tokenizer, system + [user])
-        if len(alone) >= model.config.max_seq_len:
+        ids = encode_prompt(tokenizer, system + history + [user])
+        alone = ids if not history else None
+        if len(ids) + args.max_new_tokens > model.config.max_seq_len and history:
+            alone = encode_prompt(tokenizer, system + [user])
+        if alone is not None and len(alone) >= model.config.max_seq_len:
             # Refused before the history is touched: the conversation so far stays for the next message.
             print(f"(that message is {len(alone)} tokens with the chat markup; the model's context is "
                   f"{model.config.max_seq_len}: write a shorter one)", file=sys.stderr)
             continue
-        ids = encode_prompt(tokenizer, system + history + [user])
         # Forget the oldest exchange until the prompt leaves room for a full answer (the system prompt stays).
         while history and len(ids) + args.max_new_tokens > model.config.max_seq_len:
             history = history[2:]

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -101,8 +102,6 @@ def lightning_cli(argv: list[str] | None, run: bool = True) -> LlamaLightningCLI
     then starts at the options, without the subcommand). ``argv=None`` reads ``sys.argv``."""
     # wandb never reaches the network unless the user asks for it with WANDB_MODE=online.
     os.environ.setdefault("WANDB_MODE", "offline")
-    from jsonargparse import set_parsing_settings
-
     # Configs write `${trainer.default_root_dir}` from their own root; omegaconf+ resolves it after
     # command-line overrides, so `--trainer.default_root_dir X` moves checkpoints and logs together.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -127,8 +126,6 @@ class _ParseOnlyCLI(LlamaLightningCLI):
 def check_fit_config(config_path: str | os.PathLike[str]) -> None:
     """Parse a ``fit`` config the way ``fit --config`` does, without building or running anything:
     an unknown or mistyped key anywhere (a callback's ``init_args`` included) raises ``ValueError``."""
-    from jsonargparse import ArgumentError, set_parsing_settings
-
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         _ParseOnlyCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
