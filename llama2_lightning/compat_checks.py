@@ -79,8 +79,8 @@ def check_fit_start(model: Any, datamodule: Any, ckpt_path: str | None, allow_to
     if isinstance(config, LlamaConfig):
         check_model_and_data(config, datamodule, f"{type(model).__name__} model")
     hparams = getattr(model, "hparams", {})
-    starts = [("init_from", hparams.get("init_from") if isinstance(hparams, Mapping) else None), ("ckpt_path", ckpt_path)]
-    for role, path in starts:
+    init_from = hparams.get("init_from") if isinstance(hparams, Mapping) else None
+    for role, path in (("init_from", init_from), ("ckpt_path", ckpt_path)):
         if isinstance(path, (str, os.PathLike)) and str(path) not in ("last", "best", "hpc", "registry"):
             check_tokenizer_hash(path, recorded_tokenizer_hash(path), datamodule, allow_tokenizer_change, role)
 

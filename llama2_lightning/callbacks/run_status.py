@@ -12,7 +12,6 @@ exits 143 (the shell's status for SIGTERM).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint

@@ -61,7 +61,8 @@ class LlamaLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--allow_tokenizer_change", type=bool, default=False,
-                            help="start from or resume a checkpoint recorded with another tokenizer (ids change meaning)")
+                            help="start from or resume a checkpoint recorded with another tokenizer "
+                                 "(its token ids change meaning)")
 
     def _setting(self, key: str) -> Any:
         config = self.config.get(str(self.subcommand), self.config)

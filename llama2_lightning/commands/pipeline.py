@@ -28,7 +28,8 @@ def cli_pipeline(argv: list[str] | None = None) -> int:
                         "directories are moved to <run_dir>/.superseded/)")
     parser.add_argument("--no-report", action="store_true", help="skip report.md")
     parser.add_argument("--report-only", action="store_true", help="only (re)write report.md from finished stages")
-    parser.add_argument("--dry-run", action="store_true", help="check every stage's merged config (each key against the classes it configures), print them and stop")
+    parser.add_argument("--dry-run", action="store_true", help="check every stage's merged config (each key against the classes "
+                        "it configures), print them and stop")
     parser.add_argument("--verbose", action="store_true", help="stream every stage's output, not only progress lines")
     args = parser.parse_args(argv)
     try:

@@ -107,7 +107,8 @@ def iter_documents(path: Path) -> Iterator[str]:
         raise ValueError(f"{path}: file is empty")
     if b"\x00" in raw:
         # UTF-8 text never holds NUL; such a file is binary (or UTF-16) and would train on byte tokens.
-        raise ValueError(f"{path}: holds NUL bytes (first at byte {raw.index(0)}): a binary or UTF-16 file, not UTF-8 text")
+        raise ValueError(f"{path}: holds NUL bytes (first at byte {raw.index(0)}): a binary or UTF-16 file, "
+                         "not UTF-8 text")
     try:
         yield raw.decode("utf-8")
     except UnicodeDecodeError as err:

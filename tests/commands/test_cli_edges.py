@@ -44,7 +44,8 @@ def hf_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_chat_with_stdin_closed(hf_tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_chat_with_stdin_closed(hf_tiny: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with `0<&-`
     rc = main(["chat", "--checkpoint", str(hf_tiny), "--tokenizer", TOKENIZER, "--device", "cpu"])
     assert rc == 1 and "standard input is closed" in capsys.readouterr().err
@@ -89,7 +90,8 @@ def test_pipeline_dry_run_checks_every_leaf_key(tmp_path: Path, capsys: pytest.C
     pipeline = tmp_path / "pipeline.yaml"
     raw = {"run_dir": str(tmp_path / "run"), "stages": [
         {"name": "good", "config": str(stage)},
-        {"name": "typo", "config": str(stage), "set": {"trainer.callbacks.ModelCheckpoint.init_args.every_n_stepz": 2}}]}
+        {"name": "typo", "config": str(stage),
+         "set": {"trainer.callbacks.ModelCheckpoint.init_args.every_n_stepz": 2}}]}
     pipeline.write_text(yaml.safe_dump(raw))
     assert main(["pipeline", "--config", str(pipeline), "--dry-run"]) == 1
     err = capsys.readouterr().err

@@ -4,7 +4,6 @@ builds anything, with the numbers and the key to change, instead of an IndexErro
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,8 @@ def test_fit_refuses_data_longer_than_the_models_context(tmp_path: Path, capsys:
 
 def test_reward_model_vocab_check() -> None:
     module = RewardModule(model="tiny", model_overrides={"vocab_size": 512})
-    data = PreferenceDataModule([{"path": "unused.jsonl", "format": "pairs"}], tokenizer_path=TOKENIZER, max_seq_len=128)
+    data = PreferenceDataModule([{"path": "unused.jsonl", "format": "pairs"}], tokenizer_path=TOKENIZER,
+                                max_seq_len=128)
     with pytest.raises(CompatibilityError, match="RewardModule model: vocab_size is 512"):
         check_fit_start(module, data, None)
 
