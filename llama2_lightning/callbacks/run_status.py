@@ -3,8 +3,8 @@
 Lightning turns SIGTERM (what SLURM sends before preempting a job) into ``SIGTERMException``, a
 ``SystemExit`` whose status is 0, so a terminated run looked finished. This callback saves a
 resumable ``last.ckpt`` when that happens, and writes ``<default_root_dir>/fit-status.json``:
-``{"completed": true}`` only from ``on_train_end``, which Lightning calls when the fit loop reached
-its end (``max_steps``, ``max_epochs``, ``max_time`` or a callback's ``should_stop``); a SIGTERM
+``{"completed": true}`` only when ``fit`` returned with its loop done (``max_steps``, ``max_epochs``,
+``max_time`` or a callback's ``should_stop``, possibly reached before a resume); a SIGTERM
 writes ``{"completed": false, "reason": "sigterm", "checkpoint": ...}``. The ``fit`` command then
 exits 143 (the shell's status for SIGTERM).
 """
@@ -28,9 +28,12 @@ class RunStatus(L.Callback):
             # A status left by an earlier fit in this directory says nothing about this one.
             status_path(trainer.default_root_dir).unlink(missing_ok=True)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Called when fit returns normally, also when it resumed a checkpoint that had already reached
+        # its end (Lightning then skips the loop and on_train_end); `done` says whether the end was reached.
         if trainer.is_global_zero:
-            write_status(trainer.default_root_dir, {"completed": True, "global_step": trainer.global_step,
+            completed = bool(trainer.fit_loop.done) or trainer.limit_train_batches == 0
+            write_status(trainer.default_root_dir, {"completed": completed, "global_step": trainer.global_step,
                                                      "epoch": trainer.current_epoch})
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
