@@ -10,16 +10,29 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from llama2_lightning.checkpoint.safe_load import safe_torch_load
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same directory, fsync, then ``os.replace`` over the target.
-    Loading is always ``weights_only=True``: a checkpoint is data, never code."""
+    Loading is always ``weights_only=True``: a checkpoint is data, never code. The temporary file
+    is ``.<name>.<random>.tmp``; one a killed run left behind is removed when the next ``fit`` in
+    that directory starts (``commands/fit.py``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            # mkstemp creates the file private (0600); a checkpoint gets the permissions any new file
+            # would (0644 under the usual umask), as Lightning's own writer gives it.
+            os.fchmod(fd, 0o666 & ~_current_umask())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -34,4 +47,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        # Errors name the path: an empty, truncated or foreign file is a ValueError saying which.
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: expected a Lightning checkpoint dict, got {type(ckpt).__name__}")
+        return ckpt

@@ -7,7 +7,6 @@ classes, so every stage runs the same way); the other subcommands are small tool
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Callable
 
@@ -15,28 +14,39 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning_cli(argv: list[str] | None, run: bool = True):
-    """LightningCLI over any of our modules and datamodules; ``run=False`` only instantiates
-    (``argv`` then starts at the options, without the subcommand). ``argv=None`` reads ``sys.argv``."""
-    # wandb never reaches the network unless the user asks for it with WANDB_MODE=online.
-    os.environ.setdefault("WANDB_MODE", "offline")
-    from jsonargparse import set_parsing_settings
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
+    """LightningCLI over any of our modules and datamodules, with the run guards of
+    :mod:`llama2_lightning.commands.fit`; ``run=False`` only instantiates (``argv`` then starts at the
+    options, without the subcommand). ``argv=None`` reads ``sys.argv``."""
+    # Lightning is imported only for the Lightning subcommands.
+    return importlib.import_module("llama2_lightning.commands.fit").lightning_cli(argv, run)
 
-    # Configs write `${trainer.default_root_dir}` from their own root; omegaconf+ resolves it after
-    # command-line overrides, so `--trainer.default_root_dir X` moves checkpoints and logs together.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
-    return LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} resolved after command-line overrides
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-        run=run,
-    )
+def run_lightning(argv: list[str] | None, command: str) -> int:
+    """A Lightning subcommand; the exit status says how it ended. 143 (the shell's status for
+    SIGTERM): stopped by SIGTERM after saving a resumable checkpoint, what a scheduler's requeue
+    logic looks for. 1: refused before training (lock held, mismatch, unsafe or unreadable checkpoint)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llama2_lightning.checkpoint.safe_load import CheckpointReadError, UnsafeCheckpointError
+    from llama2_lightning.compat_checks import CompatibilityError
+    from llama2_lightning.run_lock import RunDirectoryLocked
+
+    try:
+        lightning_cli(argv)
+    except SIGTERMException:
+        print(f"llama2-lightning {command}: stopped by SIGTERM; a resumable checkpoint was saved "
+              "(rerun with --ckpt_path <its checkpoints>/last.ckpt)", file=sys.stderr)
+        return 143
+    except (CompatibilityError, RunDirectoryLocked, UnsafeCheckpointError, CheckpointReadError) as err:
+        print(f"llama2-lightning {command}: error: {err}", file=sys.stderr)
+        return 1
+    except CheckpointException as err:  # a BaseException carrying each rank's error (a sharded --ckpt_path)
+        reasons = sorted({str(exc).strip().splitlines()[-1] for exc, _ in err.failures.values()})
+        print(f"llama2-lightning {command}: error: cannot load the sharded checkpoint: {'; '.join(reasons)}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # name -> (module, function, help). Commands are imported only when run, so `--help` and `fit` do not
@@ -62,6 +72,16 @@ def run_command(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``llama2-lightning`` command; returns the exit status. Ctrl-C ends any command with one
+    line (status 130), not a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\nllama2-lightning: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -73,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_SUBCOMMANDS:
         # From the console, LightningCLI reads sys.argv itself (given both, it warns about a mistake).
-        lightning_cli(None if from_console else argv)
-        return 0
+        return run_lightning(None if from_console else argv, command)
     if command not in COMMANDS:
         print(f"llama2-lightning: unknown command {command!r}; expected one of "
               f"{[*LIGHTNING_SUBCOMMANDS, *COMMANDS]}", file=sys.stderr)

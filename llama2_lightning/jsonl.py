@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +62,8 @@ class JsonlReader(Iterator[tuple[int, dict[str, Any]]]):
                     if not line.strip():
                         continue
                     try:
-                        record = json.loads(line)
+                        # Without the line ending, so an error at the end of the line reports its column.
+                        record = json.loads(line.rstrip("\r\n"))
                     except json.JSONDecodeError as e:
                         self._bad(lineno, f"malformed JSON ({e.msg} at column {e.colno})")
                         continue
@@ -69,7 +71,7 @@ class JsonlReader(Iterator[tuple[int, dict[str, Any]]]):
                         self._bad(lineno, f"expected a JSON object, got {type(record).__name__}")
                         continue
                     yield lineno, record
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 # A truncated or corrupt gzip stream: say where reading stopped.
                 raise ValueError(f"{self.path}: unreadable after line {lineno}: {e}") from e
 
@@ -87,4 +89,6 @@ def text_records(path: str | Path) -> Iterator[tuple[int, str]]:
     for lineno, record in read_jsonl(path):
         if not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+        if "\x00" in record["text"]:
+            raise ValueError(f"{path}:{lineno}: the 'text' holds NUL characters (binary data, not text)")
         yield lineno, record["text"]

@@ -37,6 +37,7 @@ import lightning as L
 import torch
 
 from llama2_lightning.callbacks.ppo import iteration_seed
+from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
 
 
 class RejectionSamplingCallback(L.Callback):
@@ -162,7 +163,7 @@ def pool_state_from_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"pool_from={str(path)!r}: no such checkpoint file (the previous rejection-sampling "
                                 "round's checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = require_mapping(safe_torch_load(path), path)  # errors name the file: empty, truncated, foreign
     states = [v for k, v in ckpt.get("callbacks", {}).items() if str(k).startswith(RejectionSamplingCallback.__name__)]
     if len(states) != 1:
         raise ValueError(f"pool_from={str(path)!r}: expected one {RejectionSamplingCallback.__name__} state in the "

@@ -6,7 +6,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
+from llama2_lightning.checkpoint.safe_load import (
+    METADATA_FILE, load_dcp_tensors, read_dcp_metadata, require_mapping, safe_torch_load,
+)
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes, require_tensor_dict
 from llama2_lightning.config import LlamaConfig
 
@@ -46,14 +48,29 @@ def load_lightning(path: str | os.PathLike[str], prefix: str = "model.") -> tupl
 def consolidate_sharded(path: Path) -> dict[str, object]:
     """Gather a sharded checkpoint directory written by Lightning's ``ModelParallelStrategy``
     (``torch.distributed.checkpoint`` shards of ``state_dict`` + ``meta.pt`` with the rest) into one
-    dict in this process, reading only the model weights (not the optimizer shards)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+    dict in this process, reading only the model weights (not the optimizer shards). Nothing in the
+    directory is unpickled beyond tensors, containers and torch's metadata classes (:mod:`.safe_load`)."""
+    if not (path / METADATA_FILE).is_file() or not (path / "meta.pt").is_file():
         raise ValueError(
             f"{path} is a directory but not a sharded Lightning checkpoint (expected .metadata and meta.pt in it)"
         )
+    read_dcp_metadata(path)  # refuses a crafted directory before anything else in it is read
     ckpt = dict(require_mapping(safe_torch_load(path / "meta.pt"), path / "meta.pt"))
-    loaded = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
-    ckpt["state_dict"] = loaded["state_dict"]
+    ckpt["state_dict"] = load_dcp_tensors(path, "state_dict")
     return ckpt
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a Lightning checkpoint (file or sharded directory) cannot be resumed from, or None when it
+    reads: the cheap part of a load (mmap'd; the tensors are not read)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            read_dcp_metadata(path)
+            path = path / "meta.pt"
+        ckpt = safe_torch_load(path)
+    except (OSError, ValueError) as err:
+        return str(err)
+    if not isinstance(ckpt, Mapping) or ("loops" not in ckpt and "state_dict" not in ckpt):
+        return f"{path}: not a Lightning training checkpoint"
+    return None

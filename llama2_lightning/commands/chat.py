@@ -14,6 +14,7 @@ import torch
 
 from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.checkpoint import load_model
+from llama2_lightning.commands.arg_types import positive_int, probability_mass, temperature
 from llama2_lightning.dtypes import DTYPES
 from llama2_lightning.generation import generate
 from llama2_lightning.model import Transformer
@@ -26,9 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights (default: keep the checkpoint's dtype)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 samples greedily")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=temperature, default=0.6, help="0 samples greedily")
+    parser.add_argument("--top-p", type=probability_mass, default=0.9, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -40,8 +41,6 @@ def load_chat_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         tok_path = next((c for c in (base / "tokenizer.model", base.parent / "tokenizer.model") if c.is_file()), None)
         if tok_path is None:
             parser.error(f"no tokenizer.model beside --checkpoint {args.checkpoint}: pass --tokenizer PATH")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     tokenizer = Tokenizer(tok_path)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -76,6 +75,10 @@ def cli_chat(argv: list[str] | None = None) -> int:
     model, tokenizer = load_chat_model(parser, args)
     system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history: list[Message] = []
+    if sys.stdin is None or sys.stdin.closed:
+        print("llama2-lightning chat: error: standard input is closed: nothing to read the conversation from "
+              "(pipe the user turns in, one per line, or run it in a terminal)", file=sys.stderr)
+        return 1
     interactive = sys.stdin.isatty()
     turn = 0
     while True:
@@ -94,16 +97,20 @@ def cli_chat(argv: list[str] | None = None) -> int:
             continue
         user: Message = {"role": "user", "content": text}
         ids = encode_prompt(tokenizer, system + history + [user])
+        alone = ids if not history else None
+        if len(ids) + args.max_new_tokens > model.config.max_seq_len and history:
+            alone = encode_prompt(tokenizer, system + [user])
+        if alone is not None and len(alone) >= model.config.max_seq_len:
+            # Refused before the history is touched: the conversation so far stays for the next message.
+            print(f"(that message is {len(alone)} tokens with the chat markup; the model's context is "
+                  f"{model.config.max_seq_len}: write a shorter one)", file=sys.stderr)
+            continue
         # Forget the oldest exchange until the prompt leaves room for a full answer (the system prompt stays).
         while history and len(ids) + args.max_new_tokens > model.config.max_seq_len:
             history = history[2:]
             print("(context full: forgot the oldest exchange)", file=sys.stderr)
             ids = encode_prompt(tokenizer, system + history + [user])
-        budget = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
-        if budget < 1:
-            print(f"(that message is {len(ids)} tokens with the chat markup; the model's context is "
-                  f"{model.config.max_seq_len}: write a shorter one)", file=sys.stderr)
-            continue
+        budget = min(args.max_new_tokens, model.config.max_seq_len - len(ids))  # >= 1: the message alone fits
         [answer] = sample_answers(model, tokenizer, [ids], budget, args.temperature, args.top_p, seed=args.seed + turn)
         print(answer, flush=True)
         history += [user, {"role": "assistant", "content": answer}]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from llama2_lightning.checkpoint import load_model
+from llama2_lightning.commands.arg_types import positive_int, probability_mass, temperature
 from llama2_lightning.generation import generate
 from llama2_lightning.model import Transformer
 from llama2_lightning.tokenizer import Tokenizer
@@ -20,10 +21,10 @@ def cli_generate(argv: list[str] | None = None) -> int:
     src.add_argument("--preset", help="random weights of a named preset, e.g. tiny (a smoke test of the stack)")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the one inside --checkpoint)")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=temperature, default=0.8, help="0 samples greedily")
+    parser.add_argument("--top-p", type=probability_mass, default=0.95)
+    parser.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens (k >= 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -36,7 +37,10 @@ def cli_generate(argv: list[str] | None = None) -> int:
             parser.error("no tokenizer.model beside --checkpoint: pass --tokenizer PATH")
     tokenizer = Tokenizer(tok_path)
     if args.checkpoint:
-        model = load_model(args.checkpoint)
+        try:
+            model = load_model(args.checkpoint)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(1, f"{parser.prog}: error: {err}\n")
     else:
         torch.manual_seed(args.seed)
         model = Transformer.from_name(args.preset, vocab_size=tokenizer.vocab_size)

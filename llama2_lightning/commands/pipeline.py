@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import yaml
 
 from llama2_lightning.pipeline.report import write_report
-from llama2_lightning.pipeline.run import run_pipeline
-from llama2_lightning.pipeline.spec import PipelineError, load_pipeline, stage_configs
+from llama2_lightning.commands.fit import check_fit_config
+from llama2_lightning.pipeline.run import PipelineInterrupted, run_pipeline
+from llama2_lightning.pipeline.spec import Pipeline, PipelineError, load_pipeline, stage_configs
 
 
 def cli_pipeline(argv: list[str] | None = None) -> int:
@@ -23,22 +28,44 @@ def cli_pipeline(argv: list[str] | None = None) -> int:
                         "directories are moved to <run_dir>/.superseded/)")
     parser.add_argument("--no-report", action="store_true", help="skip report.md")
     parser.add_argument("--report-only", action="store_true", help="only (re)write report.md from finished stages")
-    parser.add_argument("--dry-run", action="store_true", help="print each stage's merged config and stop")
+    parser.add_argument("--dry-run", action="store_true", help="check every stage's merged config (each key against the classes "
+                        "it configures), print them and stop")
     parser.add_argument("--verbose", action="store_true", help="stream every stage's output, not only progress lines")
     args = parser.parse_args(argv)
     try:
         pipe = load_pipeline(args.config, args.run_dir)
         if args.dry_run:
-            for stage, config in zip(pipe.stages, stage_configs(pipe).values()):
+            configs = stage_configs(pipe)
+            check_stage_configs(pipe, configs)
+            for stage, config in zip(pipe.stages, configs.values()):
                 print(f"# --- stage {stage.name} ({stage.config})")
                 print(yaml.safe_dump(config, sort_keys=False))
+            print(f"# every stage's config parses ({len(configs)} stages): keys and types checked, nothing run")
             return 0
         if args.report_only:
 
             print(f"report: {write_report(pipe)}")
             return 0
         run_pipeline(pipe, args.from_stage, report=not args.no_report, echo=args.verbose)
+    except PipelineInterrupted as err:
+        print(f"llama2-lightning pipeline: {err}", file=sys.stderr)
+        return err.exit_status
     except PipelineError as err:
         print(f"llama2-lightning pipeline: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_stage_configs(pipe: Pipeline, configs: Mapping[str, dict[str, Any]]) -> None:
+    """Parse each merged stage config as ``fit --config`` would (every leaf key checked against the
+    classes it configures) without running it, so a typo fails before the first stage starts."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-check-") as tmp:
+        for name, config in configs.items():
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            try:
+                check_fit_config(path)
+            except ValueError as err:
+                detail = str(err).split(": ", 1)[-1]
+                raise PipelineError(f"{pipe.path}: stage {name!r} ({pipe.stage(name).config}): the merged config "
+                                    f"does not parse: {detail}") from None

@@ -405,8 +405,10 @@ class PreferenceDataModule(TokenizedDataModule):
         sizes = [len(t) for t in trains]
         if sizes[0] == 0:
             raise ValueError(
-                f"the primary source {self.sources[0].path} has no training pairs left "
-                f"({all_stats[0].records} records read, see the counts in this data module's stats)"
+                f"the primary source {self.sources[0].path} has no training pairs left: {all_stats[0].records} "
+                f"records read, {all_stats[0].bad_lines} bad lines skipped, {all_stats[0].identical} with identical "
+                f"answers, {all_stats[0].too_long} longer than max_seq_len={self.max_seq_len}, "
+                f"{all_stats[0].val} held out for validation"
             )
         counts = mixture_counts(sizes, [s.weight for s in self.sources])
         mixed: list[PreferencePair] = []
@@ -420,7 +422,9 @@ class PreferenceDataModule(TokenizedDataModule):
             all_stats[i].train_sampled = len(picked)
 
         if not val:
-            raise ValueError("no held-out pairs: the sources are too small for val_fraction; give val_sources")
+            raise ValueError(f"no held-out pairs: the sources {[str(s.path) for s in self.sources]} are too small for "
+                             f"val_fraction={self.val_fraction} ({sum(st.pairs for st in all_stats)} pairs kept); "
+                             "give val_sources")
         self.train_dataset = PreferenceDataset(mixed)
         self.val_dataset = PreferenceDataset(val)
         self.stats = {

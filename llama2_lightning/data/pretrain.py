@@ -39,6 +39,7 @@ import json
 import os
 import uuid
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,25 @@ def _open_bytes(path: Path) -> Any:
 
 def iter_documents(path: Path) -> Iterator[str]:
     """Yield the documents of one input file, raising ``ValueError`` naming the file (and line)."""
+    if ".json" in path.suffixes:
+        # Read as text it would be one document of JSON syntax; as JSON it is ambiguous (an array?
+        # JSONL under the wrong name?): refuse and say how to name it.
+        raise ValueError(f"{path}: a .json file is neither plain text nor JSONL here; rename it .jsonl if it holds "
+                         "one {\"text\": ...} object per line, or .txt to train on it as one text document")
     try:
         if _is_jsonl(path):
             yield from _iter_jsonl(path)
             return
         with _open_bytes(path) as handle:
             raw = handle.read()
-    except (gzip.BadGzipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable gzip file ({err})") from err
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable gzip file, truncated or corrupt ({err})") from err
     if not raw:
         raise ValueError(f"{path}: file is empty")
+    if b"\x00" in raw:
+        # UTF-8 text never holds NUL; such a file is binary (or UTF-16) and would train on byte tokens.
+        raise ValueError(f"{path}: holds NUL bytes (first at byte {raw.index(0)}): a binary or UTF-16 file, "
+                         "not UTF-8 text")
     try:
         yield raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -122,10 +122,16 @@ def _record_dialogs(record: dict[str, Any], fmt: str) -> list[list[Message]]:
     return [dialog]
 
 
+def _has_empty_turn(messages: list[Message]) -> bool:
+    return any(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+               and not m["content"].strip() for m in messages)
+
+
 def read_source(
     source: SFTSource,
     on_bad_line: Literal["error", "skip"] = "error",
     tokenizer: Tokenizer | None = None,
+    counts: dict[str, int] | None = None,
 ) -> tuple[list[Dialog], int]:
     """(dialogs, number of bad lines skipped) of one source, in file order.
 
@@ -133,7 +139,9 @@ def read_source(
     fit the source's format, or (given a ``tokenizer``, which also encodes every dialog) when the
     chat format rejects a dialog, e.g. roles out of order or no final answer. A bad line raises
     ``ValueError("<path>:<line>: ...")``, or with ``on_bad_line="skip"`` is counted and left out
-    whole (all dialogs of a self-instruct record go together).
+    whole (all dialogs of a self-instruct record go together). A dialog with an empty user or
+    assistant turn teaches nothing (or to answer with nothing): it is left out and counted in
+    ``counts["empty"]``.
     """
     reader = read_jsonl(source.path, on_bad_line)
     dialogs: list[Dialog] = []
@@ -155,7 +163,10 @@ def read_source(
                 raise ValueError(f"{source.path}:{lineno}: {err} (format {source.format!r})") from err
             bad_records += 1
             continue
-        dialogs.extend(found)
+        kept = [d for d in found if not _has_empty_turn(d.messages)]
+        if counts is not None and len(kept) < len(found):
+            counts["empty"] = counts.get("empty", 0) + len(found) - len(kept)
+        dialogs.extend(kept)
         if source.limit is not None and len(dialogs) >= source.limit:
             del dialogs[source.limit :]
             break
@@ -401,10 +412,14 @@ class SFTDataModule(TokenizedDataModule):
         if self.train_dataset is not None:
             return  # Lightning calls setup once per stage; the data is built once
         dialogs: list[Dialog] = []
-        skipped = 0
+        skipped = empty = 0
         for source in self.sources:
-            found, bad = read_source(source, self.on_bad_line, self.tokenizer)
+            source_counts: dict[str, int] = {}
+            found, bad = read_source(source, self.on_bad_line, self.tokenizer, source_counts)
+            empty += source_counts.get("empty", 0)
             skipped_note = f", {bad} bad lines skipped" if bad else ""
+            if source_counts.get("empty"):
+                skipped_note += f", {source_counts['empty']} dialogs with an empty turn left out"
             rank_zero_info(f"SFT source {source.path} ({source.format}): {len(found)} dialogs{skipped_note}")
             dialogs += found
             skipped += bad
@@ -448,6 +463,7 @@ class SFTDataModule(TokenizedDataModule):
         self.stats = {
             "dialogs": len(dialogs),
             "skipped_lines": skipped,
+            "empty_dialogs": empty,
             **counts,
             "train_samples": len(train),
             "val_samples": len(val),
@@ -455,7 +471,8 @@ class SFTDataModule(TokenizedDataModule):
         rank_zero_info(
             f"SFT data: {len(dialogs)} dialogs ({len(train_idx)} train / {len(val_idx)} val), "
             f"max_seq_len={self.max_seq_len}: {counts['kept']} kept, {counts['truncated']} "
-            f"left-truncated, {counts['dropped']} dropped; {skipped} bad lines skipped; "
+            f"left-truncated, {counts['dropped']} dropped; {skipped} bad lines skipped, {empty} dialogs with an "
+            f"empty turn left out; "
             f"{len(train)} train / {len(val)} val {'packed rows' if self.packing else 'samples'}"
         )
         if not val:

@@ -20,11 +20,15 @@ and the key; the last key may be new (LightningCLI then checks it like any comma
 
 For each stage the pipeline writes ``<run_dir>/<name>/stage-config.yaml`` (the merged config, so
 ``llama2-lightning fit --config`` on it reruns the stage by hand), runs it in a fresh process with
-its output in ``stage.log``, and when it succeeds records ``stage.json`` (time, metric, checkpoint).
+its output in ``stage.log``, and when training reached its end (exit 0 and ``fit-status.json`` says
+``completed``) records ``stage.json`` (time, metric, checkpoint).
 
 Rerunning skips every stage with a ``stage.json``; a stage that was interrupted after writing a
-checkpoint resumes from it (``--ckpt_path``), so a crash costs at most the work since the last
-checkpoint. ``--from-stage NAME`` moves that stage's and every later stage's directory to
+checkpoint resumes from it (``--ckpt_path``; from the newest readable ``step*.ckpt`` when
+``last.ckpt`` is damaged), so a crash costs at most the work since the last checkpoint. SIGTERM or
+Ctrl-C stops the running stage cleanly (it saves a checkpoint), waits for it, and exits 143 / 130.
+``--dry-run`` parses every stage's merged config as ``fit`` would, so a mistyped key fails at once.
+``--from-stage NAME`` moves that stage's and every later stage's directory to
 ``<run_dir>/.superseded/<time>/`` (nothing is deleted) and runs them again.
 
 Modules: :mod:`.spec` (the pipeline file), :mod:`.run` (the stages), :mod:`.metrics` (what they logged),

@@ -335,13 +335,16 @@ def test_self_instruct_adapter_on_the_shipped_copy(tok: Tokenizer) -> None:
 
 
 def test_hh_chosen_adapter_on_the_shared_pairs(shared_data: Path) -> None:
-    for name in ("hh_helpful_pairs.jsonl.gz", "hh_harmless_pairs.jsonl.gz"):
+    # Chosen dialogs with an empty turn (an empty reply was rated) are left out of SFT and counted.
+    for name, empty in (("hh_helpful_pairs.jsonl.gz", 1), ("hh_harmless_pairs.jsonl.gz", 4)):
         path = shared_data / name
         with gzip.open(path, "rt", encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
-        dialogs, skipped = read_source(SFTSource(str(path), "hh_chosen"))
-        assert skipped == 0 and len(dialogs) == len(records) == 2000
-        for record, dialog in zip(records[:50], dialogs[:50]):
+        counts: dict[str, int] = {}
+        dialogs, skipped = read_source(SFTSource(str(path), "hh_chosen"), counts=counts)
+        assert skipped == 0 and counts == {"empty": empty} and len(dialogs) + empty == len(records) == 2000
+        for dialog in dialogs[:50]:
+            record = records[int(dialog.origin.rsplit(":", 1)[1]) - 1]
             roles = [m["role"] for m in dialog.messages]
             assert roles[0] == "user" and roles[-1] == "assistant"
             assert all(a != b for a, b in zip(roles, roles[1:]))
