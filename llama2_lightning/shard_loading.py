@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from llama2_lightning.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
+
 
 def local_slice(full: Tensor, target: Tensor) -> Tensor:
     """The part of ``full`` (the whole tensor) that ``target`` holds on this rank: for a DTensor the
@@ -100,7 +102,8 @@ def load_distributed(module: nn.Module, path: str | os.PathLike[str], prefix: st
     Lightning's ``ModelParallelStrategy`` saves): each rank reads its own shards, nothing is gathered.
     The module's weights are the entries of the checkpoint's ``state_dict`` under ``prefix``."""
     targets = {f"{prefix}{name}": t for name, t in module.state_dict().items()}
-    dcp.load({"state_dict": targets}, checkpoint_id=str(path))
+    # The safe reader and planner: a crafted directory's pickled metadata never runs (issue #14).
+    dcp.load({"state_dict": targets}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
 
 
 def materialization_device(mesh: object | None) -> torch.device:
