@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypedDict
 
+from llama2_lightning.chat_template import ChatTemplate, encode_with_template
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -138,6 +140,7 @@ def encode_dialog(
     add_generation_prompt: bool | None = None,
     *,
     train_turns: Sequence[bool] | None = None,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[int], list[bool]]:
     """Encode a dialog in the Llama 2-Chat format; return (ids, loss_mask).
 
@@ -148,7 +151,7 @@ def encode_dialog(
     BOS and on the ``[INST] ... [/INST]`` prompt tokens. ``train_turns`` (one flag per message)
     restricts it to the assistant messages flagged True; GAtt uses it to train the last answer only.
     """
-    turns, _ = dialog_turns(messages, add_generation_prompt)
+    turns, ends_with_user = dialog_turns(messages, add_generation_prompt)
     if train_turns is not None:
         if len(train_turns) != len(messages):
             raise ValueError(
@@ -160,6 +163,11 @@ def encode_dialog(
                     f"message {i}: train_turns is True on a {m['role']!r} message; "
                     "only assistant messages carry a loss"
                 )
+
+    if template is not None:
+        train = [m["role"] == "assistant" and (train_turns is None or bool(train_turns[i]))
+                 for i, m in enumerate(messages)]
+        return encode_with_template(tokenizer, template, messages, ends_with_user, train)
 
     ids: list[int] = []
     mask: list[bool] = []
@@ -189,9 +197,10 @@ def encode_dialog(
     return ids, mask
 
 
-def encode_prompt(tokenizer: ChatTokenizer, messages: Sequence[Message]) -> list[int]:
+def encode_prompt(tokenizer: ChatTokenizer, messages: Sequence[Message],
+                  template: ChatTemplate | None = None) -> list[int]:
     """Ids of a dialog that ends with a user turn, left open for the model's answer."""
-    ids, _ = encode_dialog(tokenizer, messages, add_generation_prompt=True)
+    ids, _ = encode_dialog(tokenizer, messages, add_generation_prompt=True, template=template)
     return ids
 
 

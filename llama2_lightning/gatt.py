@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from llama2_lightning.chat import ChatTokenizer, Message, check_message, dialog_turns, encode_dialog
+from llama2_lightning.chat_template import ChatTemplate
 
 # Separator between a user message and the synthetic instruction appended to it.
 GATT_SEPARATOR = " "
@@ -146,7 +147,9 @@ def encode_gatt(
     messages: Sequence[Message],
     instruction: str,
     placement: Literal["system", "first_user"] = "system",
+    template: ChatTemplate | None = None,
 ) -> tuple[list[int], list[bool]]:
-    """(ids, loss_mask) of a GAtt sample; the mask is True only on the last answer and its EOS."""
+    """(ids, loss_mask) of a GAtt sample; the mask is True only on the last answer and its EOS (in the
+    Llama 2 format, or in ``template``'s)."""
     sample, flags = gatt_sample(messages, instruction, placement)
-    return encode_dialog(tokenizer, sample, add_generation_prompt=False, train_turns=flags)
+    return encode_dialog(tokenizer, sample, add_generation_prompt=False, train_turns=flags, template=template)

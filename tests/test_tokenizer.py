@@ -11,7 +11,8 @@ from sentencepiece import sentencepiece_model_pb2
 from paths import SHAKESPEARE, TOKENIZER
 
 from llama2_lightning.commands.tokenizer import cli_tokenizer
-from llama2_lightning.tokenizer import ROUND_TRIP_PROBES, Tokenizer, train_tokenizer
+from llama2_lightning.tokenizer import ROUND_TRIP_PROBES, Tokenizer
+from llama2_lightning.tokenizer_training import train_tokenizer
 
 SHIPPED_MODEL = TOKENIZER
 
@@ -167,8 +168,8 @@ def test_training_is_deterministic(trained: Tokenizer, tmp_path: Path) -> None:
     first = train_tokenizer(tmp_path / "a.txt", tmp_path / "1.model", vocab_size=400)
     second = train_tokenizer(str(tmp_path / "*.txt"), tmp_path / "2.model", vocab_size=400)
     assert first.model_path.read_bytes() == second.model_path.read_bytes()
-    assert first.content_hash() == second.content_hash()
-    assert first.content_hash() != trained.content_hash()
+    assert first.content_hash == second.content_hash
+    assert first.content_hash != trained.content_hash
 
 
 def test_failed_training_leaves_no_file(tmp_path: Path) -> None:
@@ -198,7 +199,7 @@ def test_training_input_errors_name_the_file(tmp_path: Path) -> None:
 def test_shipped_tokenizer_round_trips_shakespeare() -> None:
     tok = Tokenizer(SHIPPED_MODEL)
     assert tok.vocab_size == 2048
-    assert tok.content_hash() == hashlib.sha256(SHIPPED_MODEL.read_bytes()).hexdigest()
+    assert tok.content_hash == hashlib.sha256(SHIPPED_MODEL.read_bytes()).hexdigest()
     passage = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
     ids = tok.encode(passage, bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids

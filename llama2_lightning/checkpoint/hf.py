@@ -145,6 +145,9 @@ def load_hf(src_dir: str | os.PathLike[str]) -> tuple[LlamaConfig, StateDict]:
         if not _HF_NON_WEIGHT.fullmatch(name)
     }
     # Check before un-permuting: the reshape assumes the shapes the config implies.
+    if config.tie_word_embeddings:
+        # Tied files usually omit lm_head; one that stores it stores the embedding again.
+        state_dict.pop("output.weight", None)
     check_state_dict(expected_shapes(config), state_dict, src)
     for name, tensor in state_dict.items():
         heads = rotary_heads(name, config)

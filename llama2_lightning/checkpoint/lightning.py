@@ -6,6 +6,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from llama2_lightning.checkpoint.safe_load import (
     METADATA_FILE, load_dcp_tensors, read_dcp_metadata, require_mapping, safe_torch_load,
 )
@@ -43,6 +46,15 @@ def load_lightning(path: str | os.PathLike[str], prefix: str = "model.") -> tupl
         raise ValueError(f"{path}: no weights under prefix {prefix!r}; the state_dict has prefixes {prefixes}")
     check_state_dict(expected_shapes(config), state_dict, f"{path} (prefix {prefix!r})")
     return config, state_dict
+
+
+def save_lightning(config: LlamaConfig, state_dict: Mapping[str, Tensor], path: str | os.PathLike[str],
+                   prefix: str = "model.") -> None:
+    """A ``.ckpt`` that :func:`load_lightning` and every module's ``init_from`` read: the weights under
+    ``prefix`` and the config as ``llama_config`` (no optimiser state: a starting point, not a resume)."""
+    check_state_dict(expected_shapes(config), state_dict, "state dict to save")
+    tensors = {prefix + name: t.detach().clone(memory_format=torch.contiguous_format) for name, t in state_dict.items()}
+    torch.save({"state_dict": tensors, "llama_config": config.to_dict()}, Path(path))
 
 
 def consolidate_sharded(path: Path) -> dict[str, object]:

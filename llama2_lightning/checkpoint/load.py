@@ -6,28 +6,32 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from llama2_lightning.checkpoint.gguf import load_gguf, read_gguf_config, save_gguf
 from llama2_lightning.checkpoint.hf import load_hf, save_hf
-from llama2_lightning.checkpoint.lightning import load_lightning
+from llama2_lightning.checkpoint.lightning import load_lightning, save_lightning
 from llama2_lightning.checkpoint.meta import load_meta, save_meta
 from llama2_lightning.checkpoint.safe_load import read_dcp_metadata, require_mapping, safe_torch_load
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.model import Transformer
 
-FORMATS = ("meta", "hf", "lightning")
-EXPORT_FORMATS = ("meta", "hf")
+FORMATS = ("meta", "hf", "lightning", "gguf")
+EXPORT_FORMATS = ("meta", "hf", "lightning", "gguf")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``"meta"`` for a directory with ``params.json``, ``"hf"`` for one with ``config.json``,
-    ``"lightning"`` for a file (or a sharded Lightning checkpoint directory)."""
+    ``"gguf"`` for a file starting with GGUF's magic bytes, ``"lightning"`` for another file (or a
+    sharded Lightning checkpoint directory)."""
     path = Path(path)
     if path.is_file():
-        return "lightning"
+        with open(path, "rb") as handle:
+            return "gguf" if handle.read(4) == b"GGUF" else "lightning"
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if (path / "params.json").is_file():
@@ -60,7 +64,9 @@ def read_config(path: str | os.PathLike[str], fmt: str | None = None) -> LlamaCo
         if not isinstance(meta.get("llama_config"), Mapping):
             raise ValueError(f"{path}: Lightning checkpoint has no 'llama_config' dict")
         return LlamaConfig.from_dict(dict(meta["llama_config"]))
-    raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'meta', 'hf' or 'lightning'")
+    if fmt == "gguf":
+        return read_gguf_config(path)
+    raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
 
 def load_checkpoint(path: str | os.PathLike[str], fmt: str | None = None) -> tuple[LlamaConfig, StateDict]:
@@ -71,17 +77,26 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str | None = None) -> tup
         return load_hf(path)
     if fmt == "lightning":
         return load_lightning(path)
+    if fmt == "gguf":
+        return load_gguf(path)
     raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
 
 def save_checkpoint(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst: str | os.PathLike[str],
-                    fmt: str, num_shards: int = 1) -> None:
+                    fmt: str, num_shards: int = 1, gguf_type: str = "F16",
+                    gguf_tokenizer: Mapping[str, Any] | None = None) -> None:
+    """Write ``fmt``: a directory for meta and hf, a file for lightning (``.ckpt``) and gguf (whose
+    matrices are ``gguf_type`` and whose vocabulary is ``gguf_tokenizer``, ``tokenizer.*`` fields)."""
+    if num_shards != 1 and fmt != "meta":
+        raise ValueError(f"num_shards is Meta's model-parallel split; {fmt} does not shard that way")
     if fmt == "meta":
         save_meta(config, state_dict, dst, num_shards=num_shards)
     elif fmt == "hf":
-        if num_shards != 1:
-            raise ValueError("num_shards is Meta's model-parallel split; Hugging Face shards by size")
         save_hf(config, state_dict, dst)
+    elif fmt == "lightning":
+        save_lightning(config, state_dict, dst)
+    elif fmt == "gguf":
+        save_gguf(config, state_dict, dst, tensor_type=gguf_type, tokenizer_metadata=gguf_tokenizer)
     else:
         raise ValueError(f"cannot write checkpoint format {fmt!r}; expected one of {EXPORT_FORMATS}")
 
@@ -100,7 +115,7 @@ def load_model(path: str | os.PathLike[str], fmt: str | None = None, device: tor
     model.load_state_dict(state_dict, strict=True, assign=True)
     # The RoPE table is a non-persistent buffer: `assign` leaves it on the meta device. Allocate it
     # beside the weights and let the model compute it.
-    model.rope_table = torch.empty_like(model.rope_table, device=model.output.weight.device)
+    model.rope_table = torch.empty_like(model.rope_table, device=model.tok_embeddings.weight.device)
     model.reset_parameters()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

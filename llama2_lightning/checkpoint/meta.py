@@ -100,6 +100,12 @@ def load_meta(src_dir: str | os.PathLike[str]) -> tuple[LlamaConfig, StateDict]:
     # Llama 2's params.json says vocab_size: -1 (the tokenizer decides); the embedding knows.
     emb = state_dict.get("tok_embeddings.weight")
     config = LlamaConfig.from_meta_params(params_path, vocab_size=emb.shape[0] if emb is not None else None)
+    # Meta's params.json cannot say "tied" (Llama 3.2 1B/3B are): a missing output projection, or
+    # one equal to the embedding (save_meta writes such a copy), is the embedding itself.
+    output = state_dict.get("output.weight")
+    if emb is not None and (output is None or (output.shape == emb.shape and torch.equal(output, emb))):
+        state_dict.pop("output.weight", None)
+        config = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
     check_state_dict(expected_shapes(config), state_dict, src)
     return config, state_dict
 
@@ -136,11 +142,15 @@ def _with_meta_ffn_fields(config: LlamaConfig) -> LlamaConfig:
 
 def save_meta(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst_dir: str | os.PathLike[str],
               num_shards: int = 1) -> None:
-    """Write ``params.json`` and ``num_shards`` ``consolidated.NN.pth`` files split as Meta's ranks hold them."""
+    """Write ``params.json`` and ``num_shards`` ``consolidated.NN.pth`` files split as Meta's ranks hold them
+    (a tied model's output projection as a copy of its embedding, which Meta's code expects)."""
     check_state_dict(expected_shapes(config), state_dict, "state dict to save")
     _check_meta_divisible(config, num_shards)
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
+    if config.tie_word_embeddings:
+        # Meta's Transformer always has `output`; a copy of the embedding (load_meta ties it again).
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     for rank in range(num_shards):
         shard: StateDict = {}
         for name, tensor in state_dict.items():

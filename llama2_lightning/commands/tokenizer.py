@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama2_lightning.tokenizer import train_tokenizer
+from llama2_lightning.tokenizer_training import train_tokenizer
 
 
 def cli_tokenizer(argv: list[str] | None = None) -> int:

@@ -322,7 +322,7 @@ class PretrainDataModule(TokenizedDataModule):
         """``<cache_dir>/<key>.bin`` for the current inputs and tokenizer (hashes the inputs once)."""
         if self._key is None:
             files = resolve_files(self.train_files)
-            self._key = cache_key(files, self.tokenizer.content_hash())
+            self._key = cache_key(files, self.tokenizer.content_hash)
         return Path(self.cache_dir) / f"{self._key}.bin"
 
     def prepare_data(self) -> None:
