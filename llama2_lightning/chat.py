@@ -217,10 +217,12 @@ def format_dialog_text(messages: Sequence[Message]) -> str:
 
 
 # The pair encoding a reward model is trained and scored on.
-def encode_side(tokenizer: ChatTokenizer, prompt: Sequence[Message], answer: str) -> list[int]:
+def encode_side(tokenizer: ChatTokenizer, prompt: Sequence[Message], answer: str,
+                template: ChatTemplate | None = None) -> list[int]:
     """One side of a preference pair, the prompt then ``answer`` as a closed assistant turn: what a
     reward model reads in training and in scoring."""
-    ids, _ = encode_dialog(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    ids, _ = encode_dialog(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False,
+                           template=template)
     return ids
 
 

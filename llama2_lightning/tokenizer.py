@@ -90,13 +90,16 @@ class Tokenizer:
 
     Attributes: ``model_path`` (the file loaded), ``bos_id``, ``eos_id``, ``pad_id`` (padding id,
     dropped by ``decode``), ``vocab_size``, ``content_hash`` (sha256 of what decides the ids), and
-    ``chat_template`` (the model's own Jinja chat template, or ``None``)."""
+    ``chat_template`` (the model's own Jinja chat template, or ``None``), and ``add_bos`` (whether the
+    model expects BOS before plain text: Llama's do, SmolLM2 (whose "BOS" is ChatML's ``<|im_start|>``)
+    does not)."""
 
     model_path: Path
     bos_id: int
     eos_id: int
     pad_id: int
     chat_template: str | None = None
+    add_bos: bool = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Tokenizer:
         if cls is Tokenizer:
@@ -254,6 +257,9 @@ class HFTokenizer(Tokenizer):
         # Models without a pad token pad with EOS (the ecosystem's habit); decode drops both.
         self.pad_id = ids.get("pad_token", self.eos_id)
         self.chat_template = special.get("chat_template")
+        add_bos = special.get("add_bos_token")
+        # Without a flag, follow the tokenizer.json's own post-processor (Llama 3's inserts BOS).
+        self.add_bos = bool(add_bos) if add_bos is not None else self.hf.encode("a").ids[:1] == [self.bos_id]
 
     @property
     def vocab_size(self) -> int:

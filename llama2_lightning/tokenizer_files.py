@@ -70,6 +70,8 @@ def read_special_tokens(directory: str | os.PathLike[str]) -> dict[str, Any]:
                 found[role] = _token_content(data[role])
         if found.get("chat_template") is None and _template_text(data.get("chat_template")) is not None:
             found["chat_template"] = _template_text(data["chat_template"])
+        if found.get("add_bos_token") is None and isinstance(data.get("add_bos_token"), bool):
+            found["add_bos_token"] = data["add_bos_token"]
     jinja = directory / "chat_template.jinja"
     if found.get("chat_template") is None and jinja.is_file():
         read.append(str(jinja))
@@ -119,6 +121,8 @@ def tokenizer_json_from_gguf_fields(meta: Mapping[str, Any], source: str) -> tup
             special[role] = tokens[int(meta[key])]
     if meta.get("tokenizer.chat_template"):
         special["chat_template"] = meta["tokenizer.chat_template"]
+    if meta.get("tokenizer.ggml.add_bos_token") is not None:
+        special["add_bos_token"] = bool(meta["tokenizer.ggml.add_bos_token"])
     return tok.to_str(), special
 
 
@@ -133,7 +137,9 @@ def write_hf_tokenizer_files(tokenizer_json: str, special: Mapping[str, Any], ds
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    config = {role: special[role] for role in _ROLE_IDS if special.get(role) is not None}
+    config: dict[str, Any] = {role: special[role] for role in _ROLE_IDS if special.get(role) is not None}
+    if special.get("add_bos_token") is not None:
+        config["add_bos_token"] = special["add_bos_token"]
     if special.get("chat_template"):
         config["chat_template"] = special["chat_template"]
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -156,7 +162,7 @@ def _pre_name(pre: Mapping[str, Any] | None) -> str:
 
 
 def hf_gguf_fields(tokenizer_json: str, bos_id: int, eos_id: int, pad_id: int,
-                   chat_template: str | None) -> dict[str, Any]:
+                   chat_template: str | None, add_bos: bool = False) -> dict[str, Any]:
     """The ``tokenizer.*`` GGUF fields of a byte-level BPE ``tokenizer.json``."""
     data = json.loads(tokenizer_json)
     model = data.get("model") or {}
@@ -175,7 +181,7 @@ def hf_gguf_fields(tokenizer_json: str, bos_id: int, eos_id: int, pad_id: int,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_name(data.get("pre_tokenizer")),
         "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.bos_token_id": bos_id, "tokenizer.ggml.eos_token_id": eos_id,
-        "tokenizer.ggml.padding_token_id": pad_id, "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.padding_token_id": pad_id, "tokenizer.ggml.add_bos_token": add_bos,
     }
     if chat_template:
         fields["tokenizer.chat_template"] = chat_template

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jinja2
@@ -10,6 +11,8 @@ import tokenizers
 
 from llama2_lightning.chat import encode_dialog, encode_prompt
 from llama2_lightning.chat_template import ChatTemplate, resolve_chat_template
+from llama2_lightning.data.prompts import Prompt, PromptDataModule
+from llama2_lightning.data.sft import SFTDataModule
 from llama2_lightning.gatt import encode_gatt
 from llama2_lightning.tokenizer import Tokenizer
 from paths import TOKENIZER as SHIPPED_MODEL
@@ -101,3 +104,23 @@ def test_template_errors_name_the_template() -> None:
     raising = ChatTemplate("{{ raise_exception('roles must alternate') }}", name="t")
     with pytest.raises(ValueError, match="roles must alternate"):
         raising.render(DIALOG)
+
+
+def test_data_modules_take_a_chat_template_key(tmp_path: Path) -> None:
+    tok_dir = write_bpe_tokenizer(tmp_path / "tok").parent
+    dialogs = [DIALOG[1:3], DIALOG[3:5], DIALOG[:3]]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    dm = SFTDataModule(sources=[{"path": str(path), "format": "messages"}], tokenizer_path=str(tok_dir),
+                       chat_template="model", truncation="drop", val_fraction=0.3, max_seq_len=256)
+    dm.setup()
+    tok = dm.tokenizer
+    expected = {tuple(encode_dialog(tok, d, template=dm.template)[0][:-1]): d for d in dialogs}
+    for sample in [*dm.train_dataset, *dm.val_dataset]:
+        dialog = expected[tuple(sample["input_ids"].tolist())]
+        answer = [*tok.encode(dialog[-1]["content"]), tok.eos_id]
+        assert [t for t in sample["labels"].tolist() if t != -100] == answer
+    with pytest.raises(ValueError, match="truncation='left' cuts at the Llama 2 format's turn markers"):
+        SFTDataModule(tokenizer_path=str(tok_dir), chat_template="model", truncation="left")
+    prompts = PromptDataModule(tokenizer_path=str(tok_dir), chat_template="model")
+    assert prompts._encode(Prompt([DIALOG[1]], False, 0, "x")) == encode_prompt(tok, [DIALOG[1]], template=dm.template)

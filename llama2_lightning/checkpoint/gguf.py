@@ -278,7 +278,7 @@ def gguf_tokenizer_fields(tokenizer: Tokenizer) -> dict[str, Any]:
     """The ``tokenizer.*`` fields that let llama.cpp (and transformers' GGUF loader) tokenise like ``tokenizer``."""
     if isinstance(tokenizer, HFTokenizer):
         return hf_gguf_fields(tokenizer.tokenizer_json, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-                              tokenizer.chat_template)
+                              tokenizer.chat_template, tokenizer.add_bos)
     if isinstance(tokenizer, SentencePieceTokenizer):
         return sentencepiece_gguf_fields(tokenizer.model_bytes, tokenizer.chat_template)
     raise TypeError(f"no GGUF vocabulary for a {type(tokenizer).__name__}")

@@ -13,17 +13,23 @@ from pathlib import Path
 import torch
 
 from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.chat_template import LLAMA2_FORMAT, MODEL_TEMPLATE, ChatTemplate, resolve_chat_template
 from llama2_lightning.checkpoint import load_model
 from llama2_lightning.commands.arg_types import positive_int, probability_mass, temperature
 from llama2_lightning.dtypes import DTYPES
 from llama2_lightning.generation import generate
 from llama2_lightning.model import Transformer
-from llama2_lightning.tokenizer import Tokenizer
+from llama2_lightning.tokenizer import Tokenizer, find_tokenizer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt, or a Hugging Face or Meta directory")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside or inside --checkpoint)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="Lightning .ckpt, a Hugging Face or Meta directory, or a .gguf file")
+    parser.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: "
+                                            "the one beside or inside --checkpoint, or the .gguf's own vocabulary)")
+    parser.add_argument("--chat-template", default=LLAMA2_FORMAT,
+                        help=f"{LLAMA2_FORMAT!r}: the Llama 2-Chat format (default); {MODEL_TEMPLATE!r}: the "
+                             "tokenizer's own template (ChatML for SmolLM2); or a Jinja template file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights (default: keep the checkpoint's dtype)")
@@ -33,15 +39,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def load_chat_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
-    """The checkpoint's model (in eval mode) and its tokenizer; argument problems exit through ``parser``."""
-    tok_path: Path | None = Path(args.tokenizer) if args.tokenizer else None
+def load_chat_model(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> tuple[Transformer, Tokenizer, ChatTemplate | None]:
+    """The checkpoint's model (in eval mode), its tokenizer and the chat template ``--chat-template``
+    names (``None``: the Llama 2 format); argument problems exit through ``parser``."""
+    tok_path: Path | None = Path(args.tokenizer) if args.tokenizer else find_tokenizer(args.checkpoint)
     if tok_path is None:
-        base = Path(args.checkpoint)
-        tok_path = next((c for c in (base / "tokenizer.model", base.parent / "tokenizer.model") if c.is_file()), None)
-        if tok_path is None:
-            parser.error(f"no tokenizer.model beside --checkpoint {args.checkpoint}: pass --tokenizer PATH")
-    tokenizer = Tokenizer(tok_path)
+        parser.error(f"no tokenizer.model or tokenizer.json beside --checkpoint {args.checkpoint}: "
+                     "pass --tokenizer PATH")
+    try:
+        tokenizer = Tokenizer(tok_path)
+        template = resolve_chat_template(args.chat_template, tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
@@ -50,7 +60,7 @@ def load_chat_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if model.config.vocab_size < tokenizer.vocab_size:
         parser.error(f"model vocab_size {model.config.vocab_size} < {tok_path}'s {tokenizer.vocab_size} pieces: "
                      "pass the tokenizer the model was trained with")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, template
 
 
 def sample_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -66,13 +76,13 @@ def cli_chat(argv: list[str] | None = None) -> int:
     """``llama2-lightning chat``: a multi-turn conversation on stdin/stdout; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="llama2-lightning chat",
-        description="Chat with a checkpoint in the Llama 2-Chat format. One user turn per line; "
-                    "/reset forgets the conversation, /exit (or end of input) quits.",
+        description="Chat with a checkpoint in the Llama 2-Chat format (or the model's own, --chat-template). "
+                    "One user turn per line; /reset forgets the conversation, /exit (or end of input) quits.",
     )
-    parser.add_argument("--system", default=None, help="system prompt, folded into the first turn")
+    parser.add_argument("--system", default=None, help="system prompt (Llama 2: folded into the first turn)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    model, tokenizer = load_chat_model(parser, args)
+    model, tokenizer, template = load_chat_model(parser, args)
     system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history: list[Message] = []
     if sys.stdin is None or sys.stdin.closed:
@@ -96,10 +106,10 @@ def cli_chat(argv: list[str] | None = None) -> int:
             history = []
             continue
         user: Message = {"role": "user", "content": text}
-        ids = encode_prompt(tokenizer, system + history + [user])
+        ids = encode_prompt(tokenizer, system + history + [user], template)
         alone = ids if not history else None
         if len(ids) + args.max_new_tokens > model.config.max_seq_len and history:
-            alone = encode_prompt(tokenizer, system + [user])
+            alone = encode_prompt(tokenizer, system + [user], template)
         if alone is not None and len(alone) >= model.config.max_seq_len:
             # Refused before the history is touched: the conversation so far stays for the next message.
             print(f"(that message is {len(alone)} tokens with the chat markup; the model's context is "
@@ -109,7 +119,7 @@ def cli_chat(argv: list[str] | None = None) -> int:
         while history and len(ids) + args.max_new_tokens > model.config.max_seq_len:
             history = history[2:]
             print("(context full: forgot the oldest exchange)", file=sys.stderr)
-            ids = encode_prompt(tokenizer, system + history + [user])
+            ids = encode_prompt(tokenizer, system + history + [user], template)
         budget = min(args.max_new_tokens, model.config.max_seq_len - len(ids))  # >= 1: the message alone fits
         [answer] = sample_answers(model, tokenizer, [ids], budget, args.temperature, args.top_p, seed=args.seed + turn)
         print(answer, flush=True)

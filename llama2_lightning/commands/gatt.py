@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
 from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
 from llama2_lightning.jsonl import read_jsonl
@@ -69,7 +70,7 @@ def _read_dialogs(path: Path, limit: int | None) -> list[tuple[str, str | None, 
 
 def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[tuple[str | None, list[str]]],
                         instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int, batch_size: int = 8) -> list[list[Message]]:
+                        seed: int, batch_size: int = 8, template: ChatTemplate | None = None) -> list[list[Message]]:
     """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
 
     ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
@@ -93,7 +94,7 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                     open_rows.discard(i)
                     continue
                 context = results[i] + [{"role": "user", "content": users[turn]}]
-                ids = encode_prompt(tokenizer, append_instruction(context, instructions[i]))
+                ids = encode_prompt(tokenizer, append_instruction(context, instructions[i]), template)
                 if len(ids) + max_new_tokens > model.config.max_seq_len:
                     open_rows.discard(i)
                     continue
@@ -148,13 +149,14 @@ def cli_gatt(argv: list[str] | None = None) -> int:
         inputs = _read_dialogs(args.input, args.limit)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    model, tokenizer = load_chat_model(parser, args)
+    model, tokenizer, template = load_chat_model(parser, args)
 
     rng = random.Random(args.seed)
     # Drawn before any sampling, so a dialog's instruction depends on the seed and its position only.
     instructions = [sample_gatt_instruction(rng) for _ in inputs]
     sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
-                                  args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size)
+                                  args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size,
+                                  template=template)
     records: list[dict[str, Any]] = []
     shortened = skipped = 0
     for (origin, _, users), instruction, dialog in zip(inputs, instructions, sampled):

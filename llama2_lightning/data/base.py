@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 
+from llama2_lightning.chat_template import LLAMA2_FORMAT, ChatTemplate, resolve_chat_template
 from llama2_lightning.tokenizer import Tokenizer
 
 
@@ -26,12 +27,22 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self._tokenizer: Tokenizer | None = None
+        # Dialog modules set it from their `chat_template` argument: "llama2", "model" or a .jinja file.
+        self.chat_template: str = LLAMA2_FORMAT
+        self._template: tuple[ChatTemplate | None] | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer
+
+    @property
+    def template(self) -> ChatTemplate | None:
+        """The chat template ``chat_template`` names, resolved at first use; ``None``: the Llama 2 format."""
+        if self._template is None:
+            self._template = (resolve_chat_template(self.chat_template, self.tokenizer),)
+        return self._template[0]
 
     @property
     def vocab_size(self) -> int:

@@ -277,7 +277,8 @@ class PreferenceDataModule(TokenizedDataModule):
     Args:
         sources: training sources, ``[{path, format: pairs|hh, weight, is_safety, name, limit}]``;
             the first is the primary. ``is_safety`` is the default for records that carry none.
-        tokenizer_path: SentencePiece ``tokenizer.model``.
+        tokenizer_path: SentencePiece ``tokenizer.model``, Hugging Face ``tokenizer.json``, a ``.gguf``
+            or a directory holding one.
         max_seq_len: longest sequence (either side of a pair), in tokens.
         batch_size: pairs per batch (the model sees ``2 * batch_size`` sequences).
         val_fraction: share of each training source's distinct pairs held out for validation.
@@ -285,6 +286,9 @@ class PreferenceDataModule(TokenizedDataModule):
         seed: fixes the held-out split, the mixture and the shuffling order.
         num_workers: dataloader worker processes.
         on_bad_line: ``"error"`` raises naming file and line; ``"skip"`` drops and counts the line.
+        chat_template: ``llama2`` (the Llama 2-Chat format), ``model`` (the tokenizer's own Jinja
+            template) or a ``.jinja`` file. Left truncation knows the Llama 2 format's turns only, so
+            with a template a pair longer than ``max_seq_len`` is dropped (counted as too long).
     """
 
     def __init__(
@@ -298,8 +302,10 @@ class PreferenceDataModule(TokenizedDataModule):
         seed: int = 42,
         num_workers: int = 0,
         on_bad_line: Literal["error", "skip"] = "error",
+        chat_template: str = "llama2",
     ) -> None:
         super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=True)
+        self.chat_template = chat_template
         self.sources = parse_sources(sources, "sources")
         if not self.sources:
             raise ValueError("sources is empty: give at least one preference file")
@@ -339,8 +345,8 @@ class PreferenceDataModule(TokenizedDataModule):
             stats.records += 1
             try:
                 raw = parse(record, line)
-                chosen = encode_side(tok, raw.prompt, raw.chosen)
-                rejected = encode_side(tok, raw.prompt, raw.rejected)
+                chosen = encode_side(tok, raw.prompt, raw.chosen, self.template)
+                rejected = encode_side(tok, raw.prompt, raw.rejected, self.template)
             except ValueError as err:  # a malformed record or dialog: the same policy as a bad line
                 if self.on_bad_line == "error":
                     raise ValueError(f"{spec.path}:{line}: {err}") from err
@@ -351,7 +357,10 @@ class PreferenceDataModule(TokenizedDataModule):
                 stats.identical += 1
                 stats.identical_lines.append(line)
                 continue
-            fitted = truncate_pair(chosen, rejected, self.max_seq_len, tok.bos_id)
+            if self.template is None:
+                fitted = truncate_pair(chosen, rejected, self.max_seq_len, tok.bos_id)
+            else:
+                fitted = (chosen, rejected) if max(len(chosen), len(rejected)) <= self.max_seq_len else None
             if fitted is None:
                 stats.too_long += 1
                 continue

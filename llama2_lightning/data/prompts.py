@@ -299,7 +299,8 @@ class PromptDataModule(TokenizedDataModule):
     Args:
         sources: training sources ``[{path, format, is_safety, name, limit, label}]``; ``None`` is the
             shipped self-instruct seed tasks (in-project data only).
-        tokenizer_path: SentencePiece ``tokenizer.model``; ids must match the policy's.
+        tokenizer_path: SentencePiece ``tokenizer.model``, Hugging Face ``tokenizer.json``, a ``.gguf`` or a
+            directory holding one; ids must match the policy's.
         max_prompt_len: longest encoded prompt kept, in tokens; the policy's ``max_seq_len`` must
             hold it plus the answer.
         batch_size: prompts per RLHF iteration, over all ranks (paper, PPO: 512).
@@ -314,6 +315,8 @@ class PromptDataModule(TokenizedDataModule):
             run as its own fit (``init_from`` the previous round) sets it to the iterations already
             done, so it draws new prompts instead of the previous round's again.
         on_bad_line: ``"error"`` raises naming file and line; ``"skip"`` drops and counts the line.
+        chat_template: ``llama2`` (the Llama 2-Chat format), ``model`` (the tokenizer's own Jinja
+            template) or a ``.jinja`` file; the policy must have been trained in the same format.
     """
 
     def __init__(
@@ -331,8 +334,10 @@ class PromptDataModule(TokenizedDataModule):
         start_iteration: int = 0,
         num_workers: int = 0,
         on_bad_line: Literal["error", "skip"] = "error",
+        chat_template: str = "llama2",
     ) -> None:
         super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=True)
+        self.chat_template = chat_template
         self.sources = parse_prompt_sources(DEFAULT_PROMPT_SOURCES if sources is None else sources, "sources")
         if not self.sources:
             raise ValueError("sources is empty: give at least one prompt file (or null for the shipped default)")
@@ -384,7 +389,7 @@ class PromptDataModule(TokenizedDataModule):
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         try:
-            return encode_prompt(self.tokenizer, messages)
+            return encode_prompt(self.tokenizer, messages, self.template)
         except ValueError as err:
             raise ValueError(f"{prompt.origin}: {err}") from err
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import B_INST, E_INST, Message, encode_dialog
+from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
 from llama2_lightning.data.readers import parse_hh_dialog, self_instruct_to_dialogs
 from llama2_lightning.jsonl import read_jsonl
@@ -132,6 +133,7 @@ def read_source(
     on_bad_line: Literal["error", "skip"] = "error",
     tokenizer: Tokenizer | None = None,
     counts: dict[str, int] | None = None,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[Dialog], int]:
     """(dialogs, number of bad lines skipped) of one source, in file order.
 
@@ -156,7 +158,7 @@ def read_source(
                 found[0].train_turns = turns
             if tokenizer is not None:
                 for d in found:
-                    d.ids, d.mask = encode_dialog(tokenizer, d.messages, add_generation_prompt=False,
+                    d.ids, d.mask = encode_dialog(tokenizer, d.messages, add_generation_prompt=False, template=template,
                                                   train_turns=d.train_turns)
         except ValueError as err:
             if on_bad_line == "error":
@@ -360,7 +362,8 @@ class SFTDataModule(TokenizedDataModule):
     Args:
         sources: input files, each ``{path, format, limit}`` (see :class:`SFTSource`); null means
             the shipped self-instruct seed tasks (``data/sft/self_instruct_seed_tasks.jsonl``).
-        tokenizer_path: SentencePiece ``tokenizer.model``.
+        tokenizer_path: SentencePiece ``tokenizer.model``, Hugging Face ``tokenizer.json``, a ``.gguf``
+            or a directory holding one.
         max_seq_len: input positions per sample or packed row (a dialog of n tokens needs n - 1).
         batch_size: samples (or packed rows) per batch, per rank.
         val_fraction: share of dialogs held out for validation (at least one), chosen by ``seed``.
@@ -372,6 +375,9 @@ class SFTDataModule(TokenizedDataModule):
             ``segment_ids`` (use :func:`packed_attention_mask`).
         on_bad_line: ``error`` stops at the first malformed line naming file and line; ``skip``
             leaves such lines out and counts them in ``stats["skipped_lines"]``.
+        chat_template: ``llama2`` (the Llama 2-Chat format), ``model`` (the tokenizer's own Jinja
+            template, e.g. ChatML for SmolLM2) or a ``.jinja`` file.
+            ``left`` truncation knows the Llama 2 format's turn markers only: use ``drop`` with the others.
     """
 
     def __init__(
@@ -386,8 +392,13 @@ class SFTDataModule(TokenizedDataModule):
         truncation: Literal["drop", "left"] = "left",
         packing: bool = False,
         on_bad_line: Literal["error", "skip"] = "error",
+        chat_template: str = "llama2",
     ) -> None:
         super().__init__(tokenizer_path, batch_size, val_fraction, seed, num_workers, allow_zero_val=False)
+        if chat_template != "llama2" and truncation == "left":
+            raise ValueError(f"truncation='left' cuts at the Llama 2 format's turn markers; with chat_template="
+                             f"{chat_template!r} use truncation: drop")
+        self.chat_template = chat_template
         check_ints(("max_seq_len", max_seq_len, 2))
         check_choice("truncation", truncation, ("drop", "left"))
         check_choice("on_bad_line", on_bad_line, ("error", "skip"))
@@ -415,7 +426,7 @@ class SFTDataModule(TokenizedDataModule):
         skipped = empty = 0
         for source in self.sources:
             source_counts: dict[str, int] = {}
-            found, bad = read_source(source, self.on_bad_line, self.tokenizer, source_counts)
+            found, bad = read_source(source, self.on_bad_line, self.tokenizer, source_counts, self.template)
             empty += source_counts.get("empty", 0)
             skipped_note = f", {bad} bad lines skipped" if bad else ""
             if source_counts.get("empty"):
