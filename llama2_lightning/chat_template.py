@@ -85,8 +85,11 @@ def encode_with_template(tokenizer: Any, template: ChatTemplate, messages: Seque
                          open_turn: bool, train: Sequence[bool]) -> tuple[list[int], list[bool]]:
     """(ids, mask) of ``messages`` rendered by ``template``; ``train[i]`` says whether assistant message
     ``i`` carries the loss. The answer of message ``i`` is the text between rendering ``messages[:i]``
-    with a generation prompt and rendering ``messages[:i+1]``; the mask covers its tokens through its
-    last EOS (ChatML's ``<|im_end|>``) and not the separator after it."""
+    with a generation prompt and rendering ``messages[:i+1]``; the mask covers the tokens that start in
+    it, through its last EOS (ChatML's ``<|im_end|>``), not the separator after it. The dialog is
+    tokenised once, as a whole, so the ids are exactly the ecosystem's; a token that straddles the
+    start of an answer (BPE may merge the template's newline with an answer's leading space) starts
+    in the prompt and is not trained on."""
     full = template.render(messages, add_generation_prompt=open_turn)
     spans: list[tuple[int, int, bool]] = []
     for i, message in enumerate(messages):
@@ -99,20 +102,13 @@ def encode_with_template(tokenizer: Any, template: ChatTemplate, messages: Seque
                              "(a shorter dialog's text is not a prefix of the longer one's), so the answer "
                              "tokens cannot be located for the loss mask")
         spans.append((len(before), len(through), bool(train[i])))
-    ids: list[int] = []
-    mask: list[bool] = []
-    start = 0
+    ids, offsets = tokenizer.encode_template_offsets(full)
+    mask = [False] * len(ids)
     for begin, end, trained in spans:
-        prompt = tokenizer.encode_template(full[start:begin])
-        answer = tokenizer.encode_template(full[begin:end])
-        last_eos = max((k for k, t in enumerate(answer) if t == tokenizer.eos_id), default=len(answer) - 1)
-        ids += prompt + answer
-        mask += [False] * len(prompt) + [trained and k <= last_eos for k in range(len(answer))]
-        start = end
-    tail = tokenizer.encode_template(full[start:])
-    ids += tail
-    mask += [False] * len(tail)
-    if ids != tokenizer.encode_template(full):
-        raise ValueError(f"{template.name}: an answer boundary falls inside a token (the turn-by-turn ids differ "
-                         "from the whole dialog's), so the loss mask would be a guess")
+        inside = [k for k, (start, _) in enumerate(offsets) if begin <= start < end]
+        if not trained or not inside:
+            continue
+        eos = [k for k in inside if ids[k] == tokenizer.eos_id]
+        for k in inside:
+            mask[k] = k <= (eos[-1] if eos else inside[-1])
     return ids, mask

@@ -122,6 +122,10 @@ class Tokenizer:
 
     def encode_template(self, text: str) -> list[int]:
         """Ids of a rendered chat template, in which the backend's special tokens are control tokens."""
+        return self.encode_template_offsets(text)[0]
+
+    def encode_template_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode_template`'s ids and each token's (start, end) character span in ``text``."""
         raise ValueError(f"{self.model_path}: chat templates need a tokenizer.json tokenizer "
                          "(a SentencePiece model parses no special tokens in text); use the Llama 2 format")
 
@@ -184,8 +188,8 @@ class SentencePieceTokenizer(Tokenizer):
         return hashlib.sha256(self.model_bytes).hexdigest()
 
     def token_to_id(self, token: str) -> int | None:
-        i = self.sp.piece_to_id(token)
-        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+        i = self.sp.piece_to_id(token)  # unknown pieces map to <unk>'s id
+        return i if self.sp.id_to_piece(i) == token else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         if SPACE_SYMBOL in text and self._sp_no_prefix is not None:
@@ -278,8 +282,9 @@ class HFTokenizer(Tokenizer):
         ids = self._text_only.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_template(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode_template_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         encoded = self._text_only.encode_batch(list(texts), add_special_tokens=False)

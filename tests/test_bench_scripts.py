@@ -9,7 +9,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from scripts import load_script
+from test_tokenizer_hf import write_bpe_tokenizer
+
+from llama2_lightning.checkpoint import save_hf
+from llama2_lightning.config import LlamaConfig
+from llama2_lightning.model import Transformer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -32,7 +38,7 @@ def _check_ratio_rows(table: str, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["bench_train", "bench_generate", "bench_best_of_k", "bench_mfu", "bench_memory",
-                                  "bench_ppo"])
+                                  "bench_ppo", "bench_real_model"])
 def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load(name)
     with pytest.raises(SystemExit) as ok:
@@ -134,3 +140,14 @@ def test_gpu_check_script_arguments(tmp_path: Path) -> None:
     assert "MFU" in rows[0][2] and ratio == pytest.approx(ours / theirs, abs=0.006)
     assert "of roofline" in rows[2][2]
     assert "logits parity" in cpu.stdout and "FAILED" not in cpu.stdout
+
+
+def test_bench_real_model_quick(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    write_bpe_tokenizer(tmp_path)  # tokenizer.json with a ChatML template beside the weights
+    torch.manual_seed(0)
+    model = Transformer(LlamaConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=True))
+    save_hf(model.config, model.state_dict(), tmp_path)
+    result = _load("bench_real_model").main([str(tmp_path), "--quick"])
+    _check_ratio_rows(result["table"], ["greedy generation, batch 1"])
+    assert result["tokens_identical"] == {1: True}

@@ -23,7 +23,7 @@ from llama2_lightning.checkpoint.hf import dtype_name
 from llama2_lightning.checkpoint.lightning import load_lightning
 from llama2_lightning.checkpoint.load import EXPORT_FORMATS, FORMATS, load_checkpoint, save_checkpoint
 from llama2_lightning.dtypes import DTYPES
-from llama2_lightning.tokenizer import HFTokenizer, Tokenizer, find_tokenizer
+from llama2_lightning.tokenizer import Tokenizer, find_tokenizer
 from llama2_lightning.tokenizer_files import tokenizer_json_from_gguf_fields, write_hf_tokenizer_files
 
 # Files that describe a tokenizer beside its weights; copied along with a directory checkpoint.
@@ -141,8 +141,8 @@ def cli_convert(argv: list[str] | None = None) -> int:
             target = tmp / "model.ckpt" if args.dst_format == "lightning" else tmp
             save_checkpoint(config, state_dict, target, args.dst_format, num_shards=args.num_shards)
             written = _copy_tokenizer(src, tmp, gguf_meta)
-            if written and args.dst_format == "hf" and isinstance(tokenizer := Tokenizer(tmp), HFTokenizer):
-                _patch_special_ids(tmp, tokenizer)
+            if args.dst_format == "hf" and (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer.model").is_file():
+                _patch_special_ids(tmp, Tokenizer(tmp / "tokenizer.json"))
             if dst.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
                 os.rename(dst, old / dst.name)

@@ -23,6 +23,8 @@ PROMPTS = [
     "1, 2, 3, 4, 5,",
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "Water boils at",
+    "Here is a long story about a brave knight and a dragon. Chapter 1.",
+    "List twenty fruits, one per line:\n",
 ]
 
 
@@ -42,7 +44,7 @@ def test_converted_weights_are_transformers_dequantised_weights(smollm2_converte
 
 def test_logits_equal_transformers(ours, smollm2_transformers) -> None:
     theirs, tokenizer = smollm2_transformers
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:5]:
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
         with torch.no_grad():
             diff = (ours(ids) - theirs(ids).logits).abs().max().item()

@@ -16,6 +16,7 @@ from paths import TOKENIZER
 
 from llama2_lightning import Transformer
 from llama2_lightning.chat import encode_dialog, encode_prompt
+from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.checkpoint import load_model, save_hf
 from llama2_lightning.cli import main
 from llama2_lightning.commands import chat as chat_command
@@ -49,8 +50,8 @@ def prompt_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[dict[str, str
     """Every (messages, ids) the commands encode as a prompt."""
     calls: list[tuple[list[dict[str, str]], list[int]]] = []
 
-    def spy(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-        ids = encode_prompt(tokenizer, messages)
+    def spy(tokenizer: Tokenizer, messages: list[dict[str, str]], template: ChatTemplate | None = None) -> list[int]:
+        ids = encode_prompt(tokenizer, messages, template)
         calls.append(([dict(m) for m in messages], ids))
         return ids
 

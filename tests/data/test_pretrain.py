@@ -137,13 +137,14 @@ def test_cache_hit_skips_tokenisation_and_change_retokenises(
     tmp_path: Path, tokenizer_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    original = Tokenizer.encode_batch
+    backend = type(Tokenizer(tokenizer_path))  # the class whose encode_batch the data module calls
+    original = backend.encode_batch
 
     def counting(self: Tokenizer, texts: list[str], **kwargs: bool) -> list[list[int]]:
         calls.append(len(texts))
         return original(self, texts, **kwargs)
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", counting)
+    monkeypatch.setattr(backend, "encode_batch", counting)
     files = _write_corpus(tmp_path / "in")
     first = _stream(_dm(files, tokenizer_path, tmp_path / "cache", max_seq_len=8))
     assert calls
