@@ -211,7 +211,7 @@ def save_gguf(config: LlamaConfig, state_dict: Mapping[str, Tensor], dst: str | 
               name: str | None = None) -> None:
     """Write one ``.gguf`` file that llama.cpp and transformers' GGUF loader read. ``tensor_type``
     (one of :data:`GGUF_TYPES`) applies to the matrices; norms stay F32 as llama.cpp keeps them.
-    ``tokenizer_metadata`` are the ``tokenizer.*`` fields (see :func:`tokenizer_gguf.gguf_tokenizer_fields`)."""
+    ``tokenizer_metadata`` are the ``tokenizer.*`` fields (see :func:`gguf_tokenizer_fields`)."""
     if tensor_type not in GGUF_TYPES:
         raise ValueError(f"tensor_type={tensor_type!r}; expected one of {GGUF_TYPES}")
     check_state_dict(expected_shapes(config), state_dict, "state dict to save")
