@@ -256,8 +256,9 @@ def export_reward_model(src: str | os.PathLike[str], dst: str | os.PathLike[str]
 
 
 def find_tokenizer(checkpoint: Path, info: Mapping[str, Any]) -> Path | None:
-    """The tokenizer recorded with the checkpoint, else a ``tokenizer.model`` in or beside it."""
+    """The tokenizer recorded with the checkpoint (a file or a directory holding one), else a
+    ``tokenizer.model`` or ``tokenizer.json`` in or beside it."""
     candidates = [Path(info["tokenizer_path"])] if info.get("tokenizer_path") else []
     base = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    candidates += [base / "tokenizer.model", base.parent / "tokenizer.model"]
-    return next((c for c in candidates if c.is_file()), None)
+    candidates += [folder / name for name in ("tokenizer.model", "tokenizer.json") for folder in (base, base.parent)]
+    return next((c for c in candidates if c.exists()), None)
