@@ -60,7 +60,7 @@ def recorded_tokenizer_hash(path: str | os.PathLike[str]) -> str | None:
 def check_tokenizer_hash(checkpoint: str | os.PathLike[str], recorded: str | None, datamodule: Any,
                          allow_change: bool, role: str) -> None:
     tokenizer = _datamodule_tokenizer(datamodule)
-    if recorded is None or tokenizer is None or tokenizer.content_hash() == recorded:
+    if recorded is None or tokenizer is None or tokenizer.content_hash == recorded:
         return
     if allow_change:
         warnings.warn(f"{role} {checkpoint} was trained with another tokenizer than {datamodule.tokenizer_path}; "
@@ -68,7 +68,7 @@ def check_tokenizer_hash(checkpoint: str | os.PathLike[str], recorded: str | Non
         return
     raise CompatibilityError(
         f"{role} {checkpoint} was trained with a different tokenizer (sha256 {recorded[:12]}...) than the data's "
-        f"{datamodule.tokenizer_path} (sha256 {tokenizer.content_hash()[:12]}...): token ids would mean other "
+        f"{datamodule.tokenizer_path} (sha256 {tokenizer.content_hash[:12]}...): token ids would mean other "
         "pieces. Use the original tokenizer, or set allow_tokenizer_change: true if the change is intended")
 
 

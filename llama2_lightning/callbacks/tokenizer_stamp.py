@@ -16,4 +16,4 @@ class TokenizerStamp(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         datamodule = trainer.datamodule
         if datamodule is not None and getattr(datamodule, "tokenizer_path", None):
-            checkpoint[TOKENIZER_HASH_KEY] = datamodule.tokenizer.content_hash()
+            checkpoint[TOKENIZER_HASH_KEY] = datamodule.tokenizer.content_hash

@@ -67,5 +67,5 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused_unless_allowed(t
     with pytest.raises(CompatibilityError, match=r"ckpt_path .*other\.ckpt was trained with a different tokenizer"):
         check_fit_start(PretrainModule(model="tiny"), data, str(other))
     check_fit_start(module, data, None, allow_tokenizer_change=True)  # the explicit override
-    same = _stamped_checkpoint(tmp_path / "same.ckpt", Tokenizer(TOKENIZER).content_hash())
+    same = _stamped_checkpoint(tmp_path / "same.ckpt", Tokenizer(TOKENIZER).content_hash)
     check_fit_start(PretrainModule(model="tiny", init_from=str(same)), data, str(same))
