@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from llama2_lightning.distributed import is_sharded
 from llama2_lightning.model import KVCache, Transformer
 from llama2_lightning.shard_loading import device_mesh_of
+from llama2_lightning.tensor_parallel import is_tensor_parallel, replicate_across_tp
 
 
 @dataclass
@@ -273,6 +274,9 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if compile and is_tensor_parallel(model):
+        raise ValueError("generate(compile=True) needs a model without tensor parallelism; its decode step "
+                         "runs eager, each rank on its own heads")
     device = model.output.weight.device
     longest = max(len(p) for p in prompts)
     P = prompt_bucket(longest, max_new_tokens, model.config.max_seq_len) if compile else longest
@@ -311,7 +315,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
         if isinstance(step, _CompiledDecodeStep):
             step.adopt_cache(model)
         return _decode(step, logits, valid, positions, P, max_new_tokens, temperature, top_k, top_p, eos_id,
-                       pad_id, generator, output_logits, sync)
+                       pad_id, generator, output_logits, sync, model)
     finally:
         model.reset_kv_cache()
         model.train(was_training)
@@ -319,7 +323,8 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 
 def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P: int, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float, eos_id: int | None, pad_id: int,
-            generator: torch.Generator | None, output_logits: bool, sync: object | None = None) -> GenerationOutput:
+            generator: torch.Generator | None, output_logits: bool, sync: object | None = None,
+            model: nn.Module | None = None) -> GenerationOutput:
     """The token loop: ``logits`` (B, V) are the prefill's; ``valid`` / ``positions`` (B, S) per slot."""
     B, V = logits.shape
     device = logits.device
@@ -333,6 +338,9 @@ def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P
         if all_logits is not None:
             all_logits[:, t] = logits
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if temperature > 0 and model is not None:
+            # tensor parallel: the TP group's ranks hold the same logits but maybe not the same RNG
+            nxt = replicate_across_tp(nxt, model)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
         out_tokens[:, t] = torch.where(finished, pad_id, nxt)
         out_logprobs[:, t] = torch.where(finished, 0.0, logp)

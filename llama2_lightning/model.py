@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from llama2_lightning.config import LlamaConfig
 
@@ -93,6 +94,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        # Heads held by this module: all of them, or this rank's share under tensor parallelism
+        # (tensor_parallel.py divides both by the TP size; the forward reshapes by the weights' width).
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
@@ -104,9 +107,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, D)
+        # H and G are this rank's heads (n_heads / tp, n_kv_heads / tp under tensor parallelism)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, G, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, G, D)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if self.kv_cache is not None and input_pos is not None:
@@ -116,9 +120,9 @@ class Attention(nn.Module):
         # enable_gqa lets SDPA broadcast the G key/value heads over the H query heads without
         # materialising H copies where the kernel supports it.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.size(1) != q.size(1)
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         return self.wo(y)
 
 
@@ -213,14 +217,15 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ KV cache
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a cache of ``max_seq_len`` slots per layer on the weights' device and dtype."""
+        """Allocate a cache of ``max_seq_len`` slots per layer on the weights' device and dtype, for
+        the KV heads each layer holds (this rank's share under tensor parallelism)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"KV cache of {max_seq_len} slots exceeds max_seq_len={self.config.max_seq_len}")
         weight = self.output.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
-                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
+                batch_size, max_seq_len, layer.attention.n_kv_heads, self.config.head_dim,
                 dtype=dtype or weight.dtype, device=weight.device,
             )
 
@@ -261,12 +266,19 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, positions: Tensor | None = None,
-                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+                mask: Tensor | None = None, last_only: bool = False, sharded_logits: bool = False) -> Tensor:
         """Next-token logits (B, T, V), or (B, 1, V) for the last position only with ``last_only`` (a
         prefill needs no more, and the (B, T, V) projection is its largest matmul); other arguments as
-        in :meth:`forward_hidden`. Going through ``forward`` keeps FSDP2's root hooks in charge."""
+        in :meth:`forward_hidden`. Going through ``forward`` keeps FSDP2's root hooks in charge.
+
+        Under tensor parallelism the LM head leaves each rank V/tp of the logits; they are gathered
+        unless ``sharded_logits``, which returns the vocabulary-sharded DTensor for a loss that
+        never gathers them (``tensor_parallel.cross_entropy``)."""
         hidden = self.forward_hidden(tokens, input_pos, positions, mask)
-        return self.output(hidden[:, -1:] if last_only else hidden)
+        logits = self.output(hidden[:, -1:] if last_only else hidden)  # (B, T, V), or V/tp per rank under TP
+        if isinstance(logits, DTensor) and not sharded_logits:
+            logits = logits.full_tensor()  # (B, T, V)
+        return logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

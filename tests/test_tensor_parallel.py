@@ -1,0 +1,134 @@
+"""Tensor parallelism (torch DTensor through ``llama2_lightning.tensor_parallel``) against the unsharded
+model: real gloo processes on CPU for the numbers, torch's fake process group for the 70B layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama2_lightning.config import LlamaConfig
+from llama2_lightning.generation import generate
+from llama2_lightning.scalar_model import ScalarModel
+from llama2_lightning.model import Transformer
+from llama2_lightning.tensor_parallel import check_tensor_parallel
+from paths import ROOT
+
+
+
+def _launch(work_dir: Path, nproc: int, tp: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+         str(ROOT / "tests" / "tp_worker.py"), str(work_dir), f"--tp={tp}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(work_dir / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+def _case(tmp_path: Path) -> dict:
+    torch.manual_seed(0)
+    config = LlamaConfig.from_name("tiny")  # GQA: 4 query heads over 2 KV heads
+    model = Transformer(config)
+    scalar = ScalarModel.from_transformer(Transformer(config), drop_lm_head=True)
+    tokens = torch.randint(0, config.vocab_size, (4, 16))
+    targets = torch.randint(0, config.vocab_size, (4, 16))
+    targets[0, :5] = -100  # prompt positions that carry no loss
+    attention_mask = torch.ones(4, 16, dtype=torch.bool)
+    attention_mask[1, :6] = False  # one left-padded row
+    case = {"config": config.to_dict(), "state_dict": model.state_dict(), "scalar_state_dict": scalar.state_dict(),
+            "tokens": tokens, "targets": targets, "attention_mask": attention_mask,
+            "prompts": [[1, 5, 7], [3, 4, 9, 10, 11]]}
+    torch.save(case, tmp_path / "case.pt")
+    return {**case, "model": model, "scalar": scalar}
+
+
+@pytest.mark.slow
+def test_tp2_matches_the_unsharded_model(tmp_path: Path) -> None:
+    case = _case(tmp_path)
+    ranks = _launch(tmp_path, nproc=2, tp=2)
+    model, x, y = case["model"], case["tokens"], case["targets"]
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.step()
+    optimizer.zero_grad()
+    loss1 = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    total = model.num_parameters()
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], logits.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(r["loss0"], loss.detach(), rtol=0, atol=1e-5)
+        # argmax and summed NLL straight from the vocabulary shards
+        assert torch.equal(r["argmax"], logits.argmax(-1))
+        nll_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        torch.testing.assert_close(r["nll_sum"], nll_sum.detach(), rtol=1e-6, atol=1e-4)
+        assert r.keys() >= {"grads"} and r["grads"].keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(r["loss1"], loss1.detach(), rtol=0, atol=1e-5)
+        # every weight but the replicated RMSNorms is split in two
+        norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+        assert r["local_numel"] == (total - norms) // 2 + norms
+        assert r["cache_shape"] == (1, 1, 8, 16)  # one of the 2 KV heads per rank
+    # the KV-cache decode of the sharded policy is the unsharded one's, token for token
+    greedy = generate(model, case["prompts"], 8, temperature=0.0).tokens
+    sampled = generate(model, case["prompts"], 8, temperature=1.0, seed=0).tokens
+    for r in ranks:
+        assert torch.equal(r["greedy"], greedy)
+        # ranks drew with seeds 0 and 1 and still agree: rank 0's draw is the group's
+        assert torch.equal(r["sampled"], sampled)
+    with torch.no_grad():
+        scores = case["scalar"](x, case["attention_mask"])
+    for r in ranks:
+        torch.testing.assert_close(r["scores"], scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tp", "key"),
+    [({"n_heads": 4, "n_kv_heads": 2}, 4, "n_kv_heads=2"),
+     ({"n_heads": 6, "n_kv_heads": 6, "dim": 96}, 4, "n_heads=6"),
+     ({"vocab_size": 2047}, 2, "vocab_size=2047")],
+)
+def test_sizes_that_do_not_split_are_config_errors(overrides: dict, tp: int, key: str) -> None:
+    config = LlamaConfig.from_name("tiny", **overrides)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size={tp} must divide model {key}"):
+        check_tensor_parallel(config, tp)
+    check_tensor_parallel(config, 1)  # no TP, nothing to split
+
+
+def test_70b_layout_on_64_simulated_ranks() -> None:
+    """TP 8 x FSDP 8 of Llama 2 70B (two of its 80 blocks), on meta tensors and torch's fake process
+    group: each rank holds 8 query heads and 1 KV head of every block, 1/64 of every weight but the
+    RMSNorms (replicated over TP, 1/8 each)."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from torch.testing._internal.distributed.fake_pg import FakeStore\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "from llama2_lightning.model import Transformer\n"
+        "from llama2_lightning.tensor_parallel import parallelize_transformer\n"
+        "from llama2_lightning.distributed import shard_transformer, local_numel\n"
+        "dist.init_process_group('fake', store=FakeStore(), rank=5, world_size=64)\n"
+        "mesh = init_device_mesh('cpu', (8, 8), mesh_dim_names=('data_parallel', 'tensor_parallel'))\n"
+        "with torch.device('meta'):\n"
+        "    m = Transformer.from_name('llama2-70b', n_layers=2)\n"
+        "parallelize_transformer(m, mesh)\n"
+        "shard_transformer(m, mesh)\n"
+        "a = m.layers[0].attention\n"
+        "norms = sum(p.numel() for n, p in m.named_parameters() if n.endswith('norm.weight'))\n"
+        "print(tuple(a.wq.weight.shape), tuple(a.wq.weight.to_local().shape), a.n_heads, a.n_kv_heads,"
+        " local_numel(m) == (m.num_parameters() - norms) // 64 + norms // 8)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split("\n")[-2] == "(8192, 8192) (128, 8192) 8 1 True"
