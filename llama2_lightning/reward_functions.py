@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from llama2_lightning.chat import Message, truncate_pair
 from llama2_lightning.distributed import data_parallel_mesh, shard_transformer
+from llama2_lightning.tensor_parallel import parallelize_scalar_model
 from llama2_lightning.dtypes import DTYPES
 from llama2_lightning.reward_models import load_reward_model
 from llama2_lightning.rlhf.reward_shaping import SAFETY_THRESHOLD, combine_rewards, logit
@@ -195,6 +196,7 @@ def load_frozen_reward_model(path: str | os.PathLike[str], device: torch.device,
 
         # FSDP2 moves one unit's full weights to the device at a time and keeps its shard, so a model
         # larger than one GPU is never whole on it (the CPU copy is memory-mapped where the dtype allows).
+        parallelize_scalar_model(model, device_mesh)  # split over the TP group first, if there is one
         shard_transformer(model.trunk, device_mesh, None, None)
         fully_shard(model, mesh=data_parallel_mesh(device_mesh))
         # ScalarModel calls trunk.forward_hidden, not trunk(...): without this the trunk's unit would

@@ -42,6 +42,7 @@ from llama2_lightning.rlhf.kl import KLKind, kl_penalty
 from llama2_lightning.rlhf.kl_control import AdaptiveKLController, FixedKLController
 from llama2_lightning.rlhf.masking import masked_mean, masked_whiten
 from llama2_lightning.rlhf.reward_shaping import per_token_rewards, whiten_rewards
+from llama2_lightning.tensor_parallel import data_parallel_rank
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -90,7 +91,7 @@ class PPOCallback(L.Callback):
                              batch_idx: int) -> None:
         from llama2_lightning.modules.rlhf import PPOExperience
 
-        seed = iteration_seed(self.seed, self.iteration, trainer.global_rank)
+        seed = iteration_seed(self.seed, self.iteration, data_parallel_rank(trainer))
         t0 = time.perf_counter()
         rollout = pl_module.rollout(batch, seed=seed)
         t1 = time.perf_counter()

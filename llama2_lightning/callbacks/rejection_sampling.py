@@ -38,6 +38,7 @@ import torch
 
 from llama2_lightning.callbacks.ppo import iteration_seed
 from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
+from llama2_lightning.tensor_parallel import data_parallel_rank, data_parallel_size
 
 
 class RejectionSamplingCallback(L.Callback):
@@ -102,7 +103,7 @@ class RejectionSamplingCallback(L.Callback):
 
         K = self.num_samples
         temperature = self.temperature_for(self.round)
-        seed = iteration_seed(self.seed, self.round, trainer.global_rank)
+        seed = iteration_seed(self.seed, self.round, data_parallel_rank(trainer))
         t0 = time.perf_counter()
         rollout = pl_module.rollout(batch, seed=seed, temperature=temperature, num_samples=K)
         t1 = time.perf_counter()
@@ -126,7 +127,8 @@ class RejectionSamplingCallback(L.Callback):
                 self.pool[index] = entry
 
         keys = sorted(self.pool) if self.train_on == "pool" else sorted({i for i, _ in new})
-        keys = keys[trainer.global_rank::trainer.world_size] or keys[:1]
+        # one share per data-parallel replica: the ranks of a tensor-parallel group train on the same one
+        keys = keys[data_parallel_rank(trainer)::data_parallel_size(trainer)] or keys[:1]
         chosen = [self.pool[k] for k in keys]
         stats = {
             "reward": float(reward.mean()),  # all K samples: the policy's own average

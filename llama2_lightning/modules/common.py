@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import is_sharded, shard_scalar_model, shard_transformer
+from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
 from llama2_lightning.model import Transformer
 from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
 from llama2_lightning.reward_models import is_reward_checkpoint, read_reward_checkpoint
@@ -78,6 +79,7 @@ def build_transformer(config: LlamaConfig, init_from: str | None = None, activat
         model.to(dtype)  # on meta: no memory; the RoPE table stays float32
     model.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
+        parallelize_transformer(model, device_mesh)  # TP first (no-op at size 1): FSDP2 shards the TP shards
         shard_transformer(model, device_mesh, param_dtype, reduce_dtype, float32_outputs=True)
     device = materialization_device(device_mesh)
     if init_from:
@@ -99,6 +101,7 @@ def build_scalar_model(config: LlamaConfig, init_from: str | None = None, activa
         model.to(dtype)
     model.trunk.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
+        parallelize_scalar_model(model, device_mesh)  # TP first (no-op at size 1)
         shard_scalar_model(model, device_mesh, param_dtype, reduce_dtype)
     device = materialization_device(device_mesh)
     if init_from and is_reward_checkpoint(init_from):

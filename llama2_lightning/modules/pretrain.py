@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -16,6 +15,7 @@ from llama2_lightning.losses import IGNORE_INDEX
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw, unpack_lm_batch
 from llama2_lightning.optim import OptimizerName
+from llama2_lightning.tensor_parallel import cross_entropy, loss_backward_context
 
 
 class PretrainModule(L.LightningModule):
@@ -71,14 +71,15 @@ class PretrainModule(L.LightningModule):
         """Read by Lightning's ThroughputMonitor for MFU."""
         return getattr(self, "_flops_per_batch", None)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, sharded_logits: bool = False) -> Tensor:
         assert self.model is not None, "configure_model() has not run"
-        return self.model(tokens)
+        return self.model(tokens, sharded_logits=sharded_logits)
 
     def _loss(self, batch: Any) -> tuple[Tensor, int]:
         x, y = unpack_lm_batch(batch)
-        logits = self(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+        # (B, T, V); under tensor parallelism a DTensor of V/tp columns per rank, never gathered
+        logits = self(x, sharded_logits=True)
+        loss = cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
         if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
             self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
         return loss, int((y != IGNORE_INDEX).sum())
@@ -97,6 +98,10 @@ class PretrainModule(L.LightningModule):
         if bpt:
             self.log("train/bpb", loss.detach() / math.log(2) / bpt, on_step=True, on_epoch=False)
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        with loss_backward_context(self.model):  # loss_parallel's backward, under tensor parallelism
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch)

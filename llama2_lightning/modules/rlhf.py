@@ -60,6 +60,7 @@ from llama2_lightning.chat import Message
 from llama2_lightning.checkpoint import read_config
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import data_parallel_mesh, gathered, is_sharded, shard_transformer
+from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
 from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.generation import generate
 from llama2_lightning.losses import IGNORE_INDEX, answer_loss
@@ -327,11 +328,15 @@ class RLHFModule(L.LightningModule):
             ref.to(resolve_dtype(hp.frozen_dtype))
         value = self._build_value_model() if hp.algorithm == "ppo" else None
         if self.device_mesh is not None:
+            # TP first (a no-op at tensor_parallel_size 1): rollouts then decode with each rank's heads
+            parallelize_transformer(policy, self.device_mesh)
+            parallelize_transformer(ref, self.device_mesh)
             shard_transformer(policy, self.device_mesh, hp.param_dtype, hp.reduce_dtype)
             shard_transformer(ref, self.device_mesh, None, None)
             if value is not None:
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+                parallelize_scalar_model(value, self.device_mesh)
                 shard_transformer(value.trunk, self.device_mesh, hp.param_dtype, hp.reduce_dtype)
                 # The root unit owns the head, so its gradient is reduced across ranks too.
                 fully_shard(value, mesh=data_parallel_mesh(self.device_mesh), mp_policy=MixedPrecisionPolicy(

@@ -22,6 +22,7 @@ from llama2_lightning.losses import answer_loss
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw
 from llama2_lightning.optim import OptimizerName
+from llama2_lightning.tensor_parallel import loss_backward_context
 
 
 class SFTModule(L.LightningModule):
@@ -110,9 +111,10 @@ class SFTModule(L.LightningModule):
         """Read by Lightning's ThroughputMonitor for MFU."""
         return getattr(self, "_flops_per_batch", None)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
+                sharded_logits: bool = False) -> Tensor:
         assert self.model is not None, "configure_model() has not run"
-        return self.model(tokens, positions=positions, mask=mask)
+        return self.model(tokens, positions=positions, mask=mask, sharded_logits=sharded_logits)
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch["input_ids"], batch["labels"]  # (B, T)
@@ -121,7 +123,8 @@ class SFTModule(L.LightningModule):
             # Packed rows: every dialog restarts at position 0 and sees only its own tokens, so it is
             # scored exactly as it would be alone in a padded row.
             positions, mask = batch["position_ids"], packed_attention_mask(batch["segment_ids"])  # (B, T), (B, 1, T, T)
-        logits = self(x, positions=positions, mask=mask)  # (B, T, V)
+        # (B, T, V); under tensor parallelism a DTensor of V/tp columns per rank, never gathered
+        logits = self(x, positions=positions, mask=mask, sharded_logits=True)
         if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
             self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
         return answer_loss(logits, y)
@@ -133,6 +136,10 @@ class SFTModule(L.LightningModule):
         self.log("train/acc", correct / n.clamp(min=1), on_step=True, on_epoch=False)
         self.log("train/answer_tokens", n.float(), on_step=True, on_epoch=False)
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        with loss_backward_context(self.model):  # loss_parallel's backward, under tensor parallelism
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, n, correct = self._loss(batch)
