@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.generation import generate
 from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.model import Transformer
-from llama2_lightning.tensor_parallel import check_tensor_parallel
+from llama2_lightning.tensor_parallel import (
+    check_tensor_parallel, data_parallel_rank, data_parallel_size, is_tensor_parallel, parallelize_transformer,
+)
 from paths import ROOT
 
 
@@ -132,3 +135,21 @@ def test_70b_layout_on_64_simulated_ranks() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split("\n")[-2] == "(8192, 8192) (128, 8192) 8 1 True"
+
+
+def test_data_parallel_rank_is_the_replica_not_the_process() -> None:
+    # ModelParallelStrategy's sampler arguments name the data-parallel replica: with TP 2 over 4
+    # processes, process 3 is replica 1 of 2 (its TP peer, process 2, draws the same samples)
+    tp = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}),
+                         global_rank=3, world_size=4)
+    assert (data_parallel_rank(tp), data_parallel_size(tp)) == (1, 2)
+    single = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)  # no sampler arguments
+    assert (data_parallel_rank(single), data_parallel_size(single)) == (0, 1)
+
+
+def test_without_a_tensor_parallel_mesh_nothing_changes() -> None:
+    model = Transformer.from_name("tiny")
+    before = {n: p for n, p in model.named_parameters()}
+    assert parallelize_transformer(model, None) is model and not is_tensor_parallel(model)
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert model.layers[0].attention.n_kv_heads == 2

@@ -48,7 +48,11 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
         assert module.model.num_parameters() == PAPER_COUNTS[preset]
         assert hp.warmup_steps == 2000 and hp.lr == (1.5e-4 if preset == "llama2-70b" else 3e-4)
         t = raw["trainer"]
-        tokens = t["num_nodes"] * t["devices"] * raw["data"]["init_args"]["batch_size"] \
+        mesh = t["strategy"]["init_args"]
+        # the ranks of a tensor-parallel group read the same batch: data-parallel replicas count
+        assert mesh["data_parallel_size"] * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
+        assert mesh["tensor_parallel_size"] == (8 if preset == "llama2-70b" else 1)
+        tokens = mesh["data_parallel_size"] * raw["data"]["init_args"]["batch_size"] \
             * t["accumulate_grad_batches"] * raw["data"]["init_args"]["max_seq_len"]
         assert raw["data"]["init_args"]["max_seq_len"] == 4096
         assert 3.9e6 < tokens < 4.3e6  # paper: ~4M tokens per batch

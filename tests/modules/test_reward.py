@@ -149,7 +149,11 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         assert module.model.num_parameters() == expected
         assert hp.lr == (5e-6 if args["model"] == "llama2-70b" else 1e-5)
         t, d = raw["trainer"], raw["data"]["init_args"]
-        assert t["num_nodes"] * t["devices"] * d["batch_size"] * t["accumulate_grad_batches"] == 512  # pairs
+        mesh = t["strategy"]["init_args"]
+        # the ranks of a tensor-parallel group read the same pairs: data-parallel replicas count
+        assert mesh["data_parallel_size"] * d["batch_size"] * t["accumulate_grad_batches"] == 512  # pairs
+        assert mesh["data_parallel_size"] * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
+        assert mesh["tensor_parallel_size"] == (8 if args["model"] == "llama2-70b" else 1)
         assert d["max_seq_len"] == 4096 and hp.param_dtype == "bfloat16"
         assert t["strategy"]["class_path"].endswith("ModelParallelStrategy")
     else:

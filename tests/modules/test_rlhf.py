@@ -540,9 +540,13 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path, rm_ckp
     if big:
         preset = args["model"]
         t = raw["trainer"]
-        ranks = t["num_nodes"] * t["devices"]
+        mesh = t["strategy"]["init_args"]
+        # the ranks of a tensor-parallel group share their prompts: data-parallel replicas count
+        replicas = mesh["data_parallel_size"]
+        assert replicas * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
+        assert mesh["tensor_parallel_size"] == (8 if preset == "llama2-70b" else 1)
         assert hp.lr == 1e-6 and hp.frozen_dtype == "bfloat16"
-        assert hp.minibatch_size * ranks == 64  # paper: minibatch 64
+        assert hp.minibatch_size * replicas == 64  # paper: minibatch 64
     if big and hp.algorithm == "ppo":
         ppo = callbacks["PPOCallback"]
         assert ppo.kl_controller.beta == (0.005 if preset == "llama2-70b" else 0.01)  # paper

@@ -86,9 +86,12 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path) -> Non
     assert module.model.num_parameters() == PAPER_COUNTS[preset]
     assert hp.lr == 2e-5 and hp.param_dtype == "bfloat16" and hp.activation_checkpointing
     t, d = raw["trainer"], raw["data"]["init_args"]
-    assert t["num_nodes"] * t["devices"] * d["batch_size"] * t["accumulate_grad_batches"] == 64  # paper: batch 64
+    mesh = t["strategy"]["init_args"]
+    # the ranks of a tensor-parallel group read the same rows: data-parallel replicas count
+    assert mesh["data_parallel_size"] * d["batch_size"] * t["accumulate_grad_batches"] == 64  # paper: batch 64
     assert d["max_seq_len"] == 4096 and d["packing"]  # paper: 4,096 tokens, prompts and answers concatenated
-    assert raw["trainer"]["strategy"]["init_args"]["data_parallel_size"] == t["num_nodes"] * t["devices"]
+    assert mesh["data_parallel_size"] * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
+    assert mesh["tensor_parallel_size"] == (8 if preset == "llama2-70b" else 1)
 
 
 def test_tiny_config_fast_dev_run_and_checkpoint(tmp_path: Path, tiny_ckpt: Path) -> None:
