@@ -20,7 +20,7 @@ from paths import ROOT, TOKENIZER
 
 
 
-def _fit(config: Path, args: list[str], out: Path) -> None:
+def _fit(config: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -30,6 +30,7 @@ def _fit(config: Path, args: list[str], out: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def _ranks(rec: Path, n: int) -> list[dict]:
@@ -158,13 +159,16 @@ def test_tensor_parallel_run_killed_after_a_sharded_checkpoint_resumes_exactly(t
 def test_tiny_tp_sft_runs_and_samples_chat_answers(tmp_path: Path, tiny_init: Path) -> None:
     """Supervised fine-tuning on the 2 x 2 mesh: the answer loss on vocabulary-sharded logits, chat
     samples decoded by each pair with its KV-cache heads, a 2-D sharded checkpoint that consolidates."""
-    _fit(ROOT / "configs/sft/tiny-tp.yaml",
-         [f"--model.init_args.init_from={tiny_init}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+    proc = _fit(ROOT / "configs/sft/tiny-tp.yaml",
+         [f"--model.init_args.init_from={tiny_init}", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
+          "--trainer.limit_val_batches=1",
           "--trainer.val_check_interval=2", "--data.init_args.max_seq_len=64", "--data.init_args.batch_size=2",
           "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.max_new_tokens=4"], tmp_path)
     rows = _metrics(tmp_path)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(losses) == 2 and all(0 < v < 10 for v in losses + val) and val
+    # both chat prompts answered at step 2 and again at the end of training (rank 0 prints)
+    assert proc.stdout.count("[step 2] ") == 4
     config, state = load_lightning(tmp_path / "checkpoints" / "last.ckpt")
     Transformer(config).load_state_dict(state, strict=True)
