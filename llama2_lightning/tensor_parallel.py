@@ -30,7 +30,11 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
-    ColwiseParallel, ParallelStyle, RowwiseParallel, loss_parallel, parallelize_module,
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
 )
 
 from llama2_lightning.config import LlamaConfig

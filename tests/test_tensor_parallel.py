@@ -12,16 +12,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from paths import ROOT
 
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.generation import generate
-from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.model import Transformer
+from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.tensor_parallel import (
-    check_tensor_parallel, data_parallel_rank, data_parallel_size, is_tensor_parallel, parallelize_transformer,
+    check_tensor_parallel,
+    data_parallel_rank,
+    data_parallel_size,
+    is_tensor_parallel,
+    parallelize_transformer,
 )
-from paths import ROOT
-
 
 
 def _launch(work_dir: Path, nproc: int, tp: int) -> list[dict]:

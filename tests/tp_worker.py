@@ -17,10 +17,14 @@ from torch.distributed.tensor import DTensor
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import gathered, shard_transformer
 from llama2_lightning.generation import generate
-from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.model import Transformer
+from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.tensor_parallel import (
-    cross_entropy, loss_backward_context, parallelize_scalar_model, parallelize_transformer, vocab_argmax,
+    cross_entropy,
+    loss_backward_context,
+    parallelize_scalar_model,
+    parallelize_transformer,
+    vocab_argmax,
 )
 
 

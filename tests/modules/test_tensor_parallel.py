@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from paths import ROOT, TOKENIZER
 
 from llama2_lightning import LlamaConfig, Transformer
 from llama2_lightning.checkpoint import load_lightning, save_hf
-from paths import ROOT, TOKENIZER
-
 
 
 def _fit(config: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
@@ -92,7 +91,8 @@ def test_tiny_tp_ppo_iteration_matches_fsdp_alone(tmp_path: Path, tiny_init: Pat
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me of {n}."}) + "\n"
                                for n in ["the king", "the queen", "the sea", "love", "war", "the night", "my lord",
                                          "thy heart"]))
-    common = [f"--model.init_args.init_from={tiny_init}", "--trainer.max_epochs=1", "--model.init_args.max_new_tokens=8",
+    common = [f"--model.init_args.init_from={tiny_init}", "--trainer.max_epochs=1",
+              "--model.init_args.max_new_tokens=8",
               f"--data.init_args.sources=[{{path: {prompts}, format: prompts}}]"]
     config = ROOT / "configs/rlhf/tiny-ppo-tp.yaml"
     _fit(config, common, tmp_path / "tp")
@@ -121,11 +121,14 @@ def test_reward_model_step_on_the_2x2_mesh_matches_one_process(tmp_path: Path, t
               f"--data.init_args.val_sources=[{{path: {held_out}}}]", "--trainer.max_steps=2", "--trainer.max_epochs=2",
               "--trainer.limit_val_batches=0", "--trainer.callbacks+=recorder.Recorder"]
     config = ROOT / "configs/reward/tiny-helpful.yaml"
-    _fit(config, [*common, "--trainer.devices=4", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+    _fit(config, [*common, "--trainer.devices=4",
+                  "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
                   "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=2",
-                  "--data.init_args.batch_size=5", f"--trainer.callbacks.out_dir={tmp_path / 'rec_tp'}"], tmp_path / "tp")
+                  "--data.init_args.batch_size=5", f"--trainer.callbacks.out_dir={tmp_path / 'rec_tp'}"],
+         tmp_path / "tp")
     ranks = _ranks(tmp_path / "rec_tp", 4)
-    _fit(config, [*common, *_on_one_process(10), f"--trainer.callbacks.out_dir={tmp_path / 'rec_one'}"], tmp_path / "one")
+    _fit(config, [*common, *_on_one_process(10), f"--trainer.callbacks.out_dir={tmp_path / 'rec_one'}"],
+         tmp_path / "one")
     single = _ranks(tmp_path / "rec_one", 1)[0]["losses"]
     two_by_two = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[2]["losses"])]
     assert len(single) == 2
@@ -144,7 +147,8 @@ def test_tensor_parallel_run_killed_after_a_sharded_checkpoint_resumes_exactly(t
     common = [f"--model.init_args.init_from={tiny_init}", "--data.init_args.max_seq_len=32",
               f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=2",
               "--trainer.devices=2", "--trainer.strategy.data_parallel_size=1", "--trainer.max_steps=4",
-              "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=2", "--trainer.callbacks+=recorder.Recorder"]
+              "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=2",
+              "--trainer.callbacks+=recorder.Recorder"]
     _fit(config, [*common, f"--trainer.callbacks.out_dir={tmp_path / 'a_rec'}"], tmp_path / "a")
     with pytest.raises(AssertionError, match="interrupted at step 2"):
         _fit(config, [*common, f"--trainer.callbacks.out_dir={tmp_path / 'b_rec1'}",
