@@ -65,6 +65,12 @@ def check_tensor_parallel(config: LlamaConfig, tp_size: int) -> None:
             )
     if config.hidden_dim % tp_size != 0:
         raise ValueError(f"{where}={tp_size} must divide the feed-forward width hidden_dim={config.hidden_dim}")
+    if config.tie_word_embeddings:
+        raise ValueError(
+            f"{where}={tp_size} with model tie_word_embeddings=true: the embedding (vocabulary rows of a "
+            "row-wise split) and the LM head (a column-wise split) would need one tensor in two layouts; "
+            "use tensor_parallel_size 1 for tied models"
+        )
     if config.vocab_size % tp_size != 0:
         raise ValueError(
             f"{where}={tp_size} must divide model vocab_size={config.vocab_size}: the embedding table and the "
