@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llama2_lightning.callbacks.run_status import RunStatus
 from llama2_lightning.callbacks.tokenizer_stamp import TokenizerStamp
+from llama2_lightning.checkpoint.safe_load import safe_dcp_loading
+from llama2_lightning.commands.callback_overrides import apply_callback_overrides, split_callback_overrides
 from llama2_lightning.compat_checks import check_fit_start
 from llama2_lightning.run_lock import RunLock
-from llama2_lightning.checkpoint.safe_load import safe_dcp_loading
 
 # What AtomicCheckpointIO writes before its rename: `.<name>.ckpt.<random>.tmp`.
 _CHECKPOINT_TEMPORARY = re.compile(r"\..+\.ckpt\..+\.tmp")
@@ -57,7 +60,18 @@ def remove_checkpoint_temporaries(trainer: Trainer) -> list[Path]:
 
 
 class LlamaLightningCLI(LightningCLI):
-    """LightningCLI over every module and datamodule (``class_path`` in the config), guarded (module docstring)."""
+    """LightningCLI over every module and datamodule (``class_path`` in the config), guarded (module docstring).
+    ``callback_overrides``: what :func:`~llama2_lightning.commands.callback_overrides.split_callback_overrides`
+    took out of the command line, set in the parsed callbacks before they are built."""
+
+    def __init__(self, *args: Any, callback_overrides: Sequence[tuple[str, str, Any]] = (), **kwargs: Any) -> None:
+        self._callback_overrides = list(callback_overrides)
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        if self._callback_overrides:
+            config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
+            apply_callback_overrides(config.trainer.callbacks, self._callback_overrides)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--allow_tokenizer_change", type=bool, default=False,
@@ -103,6 +117,11 @@ def lightning_cli(argv: list[str] | None, run: bool = True) -> LlamaLightningCLI
     then starts at the options, without the subcommand). ``argv=None`` reads ``sys.argv``."""
     # wandb never reaches the network unless the user asks for it with WANDB_MODE=online.
     os.environ.setdefault("WANDB_MODE", "offline")
+    from_console = argv is None
+    argv, overrides = split_callback_overrides(sys.argv[1:] if from_console else argv)
+    if from_console:
+        # LightningCLI reads sys.argv itself (given both, it warns about a mistake): hand it the rest.
+        sys.argv[1:] = argv
     # Configs write `${trainer.default_root_dir}` from their own root; omegaconf+ resolves it after
     # command-line overrides, so `--trainer.default_root_dir X` moves checkpoints and logs together.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -114,7 +133,8 @@ def lightning_cli(argv: list[str] | None, run: bool = True) -> LlamaLightningCLI
         parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} resolved after command-line overrides
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunStatus(), TokenizerStamp()]},
-        args=argv,
+        callback_overrides=overrides,
+        args=None if from_console else argv,
         run=run,
     )
 
