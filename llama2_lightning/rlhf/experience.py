@@ -196,5 +196,5 @@ class ExperienceCallback(L.Callback, ABC):
         """Experience for this iteration from ``batch``; called by ``RLHFModule.training_step``."""
 
 
-__all__ = ["Rollout", "Experience", "PPOExperience", "SFTExperience", "ExperienceCallback", "RolloutSource", "token_logprobs",
-           "iteration_seed", "heldout_seed"]
+__all__ = ["Rollout", "Experience", "PPOExperience", "SFTExperience", "ExperienceCallback", "RolloutSource",
+           "token_logprobs", "iteration_seed", "heldout_seed"]

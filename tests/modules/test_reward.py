@@ -77,11 +77,6 @@ def made_up_pairs(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny language model in Hugging Face format: the stand-in for the SFT checkpoint."""
     torch.manual_seed(0)

@@ -52,22 +52,6 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ``tiny`` policy saved the way the SFT stage's checkpoints store it."""
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("sft") / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "llama_config": model.config.to_dict()}, path)
-    return path
-
-
 def _write_rm(path: Path, seed: int) -> Path:
     """A random tiny reward model in RewardModule's checkpoint layout."""
     torch.manual_seed(seed)

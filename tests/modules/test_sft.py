@@ -14,7 +14,7 @@ import yaml
 
 from paths import ROOT, SELF_INSTRUCT, TOKENIZER
 
-from llama2_lightning import LlamaConfig, Transformer
+from llama2_lightning import LlamaConfig
 from llama2_lightning.callbacks.chat_samples import ChatSamples
 from llama2_lightning.checkpoint import load_model
 from llama2_lightning.cli import lightning_cli
@@ -26,17 +26,6 @@ from llama2_lightning.modules.args import OptimizerArgs
 CONFIGS = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 PAPER_COUNTS = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192}
 ON_ONE_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ``tiny`` model saved the way PretrainModule's checkpoints store it."""
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("base") / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "llama_config": model.config.to_dict()}, path)
-    return path
 
 
 def _sft_module(init_from: Path, **kwargs: object) -> SFTModule:

@@ -8,11 +8,13 @@ import pytest
 import torch
 import yaml
 
+from paths import ROOT
+
 from llama2_lightning.cli import lightning_cli
 from llama2_lightning.modules import PretrainModule, RLHFModule, SFTModule
 from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs, as_args
+from llama2_lightning.reward_functions import LengthRuleReward
 
-ROOT = Path(__file__).resolve().parents[1]
 ON_ONE_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
 
 
@@ -62,8 +64,6 @@ def test_warmup_is_the_larger_of_steps_and_ratio() -> None:
 
 
 def test_rlhf_learning_rate_is_constant_unless_asked(tmp_path: Path) -> None:
-    from llama2_lightning.reward_functions import LengthRuleReward
-
     def lrs(module: RLHFModule, steps: int) -> list[float]:
         module.configure_model()
         sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
