@@ -118,11 +118,10 @@ class RLHFModule(L.LightningModule):
         if frozen_dtype is not None and frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"frozen_dtype {frozen_dtype!r}; allowed: float32, bfloat16, float16 or null")
         for name, value in (("max_new_tokens", max_new_tokens), ("minibatch_size", minibatch_size),
+                            ("micro_batch_size", 1 if micro_batch_size is None else micro_batch_size),
                             ("ppo_epochs", ppo_epochs), ("sft_epochs", sft_epochs)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or null, got {micro_batch_size}")
+                raise ValueError(f"{name} must be >= 1 (micro_batch_size: or null), got {value}")
         # The reward object stays out of hparams: checkpoints are loaded with weights_only=True and must
         # hold plain data only (the CLI's config.yaml still records it).
         self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding,
@@ -383,9 +382,8 @@ class RLHFModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """One optimiser over the policy (``optimizer.lr``) and the value model (``value_lr``), stepped
-        once per minibatch; the schedule spans ``optimizer.decay_steps`` optimiser steps (``None``: none,
-        the rate stays at its peak after any warm-up, as in the paper)."""
+        """One optimiser over policy (``optimizer.lr``) and value model (``value_lr``); the cosine spans
+        ``optimizer.decay_steps`` optimiser steps, none by default (constant after warm-up, the paper)."""
         assert self.model is not None
         args = self.optimizer_args
         return cosine_adamw(self, [(self.model, args.lr), (self.value_model, self.hparams.value_lr or args.lr)],
