@@ -1,10 +1,9 @@
 """``report.md`` and its plots for a finished pipeline (``llama2_lightning.pipeline``).
 
 Every number and plot comes from what the stages logged (their ``CSVLogger`` files, read back with
-``pipeline.read_metrics``) except one evaluation made here: the baseline (SFT) and final policies
-answer the same held-out prompts with the same sampling seeds, and the prompts_from stage's reward
-function (the safety-gated pair of reward models) scores both: the paper's Figure 11 idea ("the
-same prompts, before and after RLHF, scored by both reward models") at small scale.
+``pipeline.read_metrics``) except one evaluation made here (``rlhf.rollout`` on each bare policy): the
+baseline (SFT) and final policies answer the same held-out prompts with the same sampling seeds, and
+the prompts_from stage's reward function scores both: the paper's Figure 11 idea at small scale.
 
 Plots need matplotlib (``pip install llama2-lightning[report]``); without it the report has the
 tables only and says so. With wandb on (``WANDB_MODE`` other than ``disabled``), the tables and
@@ -55,10 +54,9 @@ def stage_kind(config: dict[str, Any]) -> str:
     model = config.get("model") or {}
     cls = str(model.get("class_path", "")).rsplit(".", 1)[-1]
     if cls == "RLHFModule":  # the experience callback decides the algorithm
-        callbacks = (config.get("trainer") or {}).get("callbacks") or []
-        names = {str(c.get("class_path", "")).rsplit(".", 1)[-1] for c in callbacks if isinstance(c, dict)}
-        return "ppo" if "PPOCallback" in names else "rejection_sampling" if "RejectionSamplingCallback" in names \
-            else "other"
+        callbacks = [str(c.get("class_path") if isinstance(c, dict) else c) for c in (config.get("trainer") or {})
+                     .get("callbacks") or []]
+        return "ppo" if any(c.endswith("PPOCallback") for c in callbacks) else "rejection_sampling"
     return {"PretrainModule": "pretrain", "SFTModule": "sft", "RewardModule": "reward"}.get(cls, "other")
 
 
@@ -98,10 +96,9 @@ def answer_heldout(checkpoint: str | Path, datamodule: PromptDataModule, reward:
     """Answer every held-out prompt of ``datamodule`` with the policy in ``checkpoint`` and score the
     answers, sampling exactly as ``RLHFModule``'s validation does (same seeds per batch)."""
     config, state_dict = load_checkpoint(checkpoint)
-    policy = Transformer(config)
+    policy, tokenizer = Transformer(config), datamodule.tokenizer
     policy.load_state_dict(state_dict, strict=True)
     policy.eval()
-    tokenizer = datamodule.tokenizer
     reward.setup(torch.device("cpu"), tokenizer)
     out: list[HeldoutAnswer] = []
     for batch_idx, batch in enumerate(datamodule.val_dataloader()):
@@ -163,7 +160,6 @@ def summarise(answers: Sequence[HeldoutAnswer]) -> dict[str, tuple[float, float]
 def _pyplot() -> Any | None:
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
