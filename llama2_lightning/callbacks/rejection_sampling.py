@@ -63,10 +63,10 @@ class RejectionSamplingCallback(ExperienceCallback):
         if train_on not in ("pool", "round"):
             raise ValueError(f"train_on {train_on!r}; allowed: pool, round")
         self.num_samples = num_samples
+        # the schedule: an explicit list, else min(temperature + round * increment, max_temperature)
         self.temperatures = list(temperatures) if temperatures is not None else None
-        self.temperature = temperature
-        self.temperature_increment = temperature_increment
-        self.max_temperature = max_temperature
+        self.temperature, self.temperature_increment, self.max_temperature = (temperature, temperature_increment,
+                                                                               max_temperature)
         self.train_on = train_on
         self.seed = seed
         self.pool_from = pool_from

@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -25,6 +26,7 @@ from llama2_lightning.data.preference import PreferenceDataModule, collate_prefe
 from llama2_lightning.modules import RewardModule
 from llama2_lightning.modules.args import OptimizerArgs
 from llama2_lightning.modules.reward import HEAD_KEY, TRUNK_PREFIX, RankingMetrics
+from llama2_lightning.reward_models import load_reward_model, score
 from llama2_lightning.rlhf.ranking import ranking_loss
 from llama2_lightning.scalar_model import DroppedLMHead
 
@@ -394,10 +396,20 @@ def test_validate_reports_accuracy_on_extra_preference_files(rm_ckpt: Path, tmp_
     assert "val/accuracy_by_source/made_up" in metrics and "val/accuracy" in metrics
 
 
+
+def _score_gaps(pairs_file: Path, pairs: Any, checkpoint: Path, tok: Tokenizer) -> tuple[list[dict], torch.Tensor]:
+    """The held-out records of ``pairs`` and each one's ``r_chosen - r_rejected``, scored apart from the
+    module by ``reward_models.score`` on the checkpoint."""
+    records = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    held_out = [records[p.line - 1] for p in pairs]
+    model, _ = load_reward_model(checkpoint)
+    prompts = [r["prompt"] for r in held_out]
+    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
+        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    return held_out, gap
+
 def test_per_label_validation_accuracy_matches_independent_scores(rm_ckpt: Path, pair_files: dict[str, Path],
                                                                    tok: Tokenizer) -> None:
-    from llama2_lightning.reward_models import load_reward_model, score
-
     module = RewardModule(model=None, init_from=str(rm_ckpt))
     dm = PreferenceDataModule([{"path": str(pair_files["eval"]), "name": "eval"}], tokenizer_path=str(TOKENIZER),
                               max_seq_len=64, batch_size=5, val_fraction=0.5)
@@ -405,12 +417,7 @@ def test_per_label_validation_accuracy_matches_independent_scores(rm_ckpt: Path,
                         enable_model_summary=False)
     [logged] = trainer.validate(module, datamodule=dm)
 
-    records = [json.loads(line) for line in pair_files["eval"].read_text().splitlines()]
-    held_out = [records[p.line - 1] for p in dm.val_dataset.pairs]
-    model, _ = load_reward_model(rm_ckpt)
-    prompts = [r["prompt"] for r in held_out]
-    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
-        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    held_out, gap = _score_gaps(pair_files["eval"], dm.val_dataset.pairs, rm_ckpt, tok)
     assert logged["val/accuracy"] == pytest.approx(float((gap > 0).float().mean()))
     assert logged["val/score_gap"] == pytest.approx(float(gap.mean()), abs=1e-5)
     for label in {r["margin_label"] for r in held_out}:
@@ -469,8 +476,6 @@ def test_fsdp_two_processes_shard_the_trunk_and_the_head(tmp_path: Path, tiny_in
     import subprocess
     import sys
 
-    from llama2_lightning.reward_models import load_reward_model, score
-
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -495,12 +500,7 @@ def test_fsdp_two_processes_shard_the_trunk_and_the_head(tmp_path: Path, tiny_in
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
     dm = PreferenceDataModule([{"path": str(pair_files["train"])}], tokenizer_path=str(TOKENIZER), max_seq_len=64,
                               val_fraction=0.1)  # the run's held-out split
-    records = [json.loads(line) for line in pair_files["train"].read_text().splitlines()]
-    held_out = [records[p.line - 1] for p in dm.heldout_dataset.pairs]
-    model, _ = load_reward_model(ckpt)
-    prompts = [r["prompt"] for r in held_out]
-    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
-        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    held_out, gap = _score_gaps(pair_files["train"], dm.heldout_dataset.pairs, ckpt, tok)
     assert len(held_out) % 2 == 0  # no sample duplicated by the distributed sampler's padding
     assert ranks[0]["metrics"]["val/accuracy"] == pytest.approx(float((gap > 0).float().mean()))
     assert ranks[0]["metrics"]["val/score_gap"] == pytest.approx(float(gap.mean()), abs=1e-4)
