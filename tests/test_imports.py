@@ -23,6 +23,8 @@ LATE = {
     "llama2_lightning.cli": {"jsonargparse", "lightning"},
     # the compiler stack is loaded only when a decode step is compiled
     "llama2_lightning.generation": {"torch._inductor", "torch._dynamo"},
+    # torch's fake process group is a testing module, loaded only to estimate a config's memory
+    "llama2_lightning.memory_estimate": {"torch.testing._internal.distributed.fake_pg"},
 }
 
 
