@@ -52,11 +52,9 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        sh = self.sharding
-        self.model = build_transformer(self.config, self.hparams.init_from, sh.activation_checkpointing, self.device_mesh,
-                                       sh.param_dtype, sh.reduce_dtype)
+        if self.model is None:  # the sharding group's fields are the builder's keywords
+            self.model = build_transformer(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                           **vars(self.sharding))
 
     def forward(self, tokens: Tensor) -> Tensor:
         assert self.model is not None, "configure_model() has not run"

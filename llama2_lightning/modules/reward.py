@@ -167,9 +167,8 @@ class RewardModule(L.LightningModule):
         if self.model is not None:
             return
         # On the meta device, sharded, then each rank materialises and loads its own shard only.
-        sh = self.sharding
-        self.model = build_scalar_model(self.config, self.hparams.init_from, sh.activation_checkpointing,
-                                        self.device_mesh, sh.param_dtype, sh.reduce_dtype)
+        self.model = build_scalar_model(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                        **vars(self.sharding))
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Scores (N,) float32 of N sequences (N, T), read at each row's last real token."""

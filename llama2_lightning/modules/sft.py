@@ -87,11 +87,9 @@ class SFTModule(L.LightningModule):
             )
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        sh = self.sharding
-        self.model = build_transformer(self.config, self.hparams.init_from, sh.activation_checkpointing, self.device_mesh,
-                                       sh.param_dtype, sh.reduce_dtype)
+        if self.model is None:  # the sharding group's fields are the builder's keywords
+            self.model = build_transformer(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                           **vars(self.sharding))
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         assert self.model is not None, "configure_model() has not run"
