@@ -1,6 +1,6 @@
 """Figure (d): where a PPO iteration's time goes: generation / scoring / optimisation.
 
-``RLHFModule(algorithm="ppo")`` + ``PPOCallback`` with a rule reward (``TokenRuleReward``) on a small
+``RLHFModule`` + ``PPOCallback`` with a rule reward (``TokenRuleReward``) on a small
 preset with random weights, driven by a Lightning ``Trainer`` on generated prompts. Per iteration the
 callback times the rollout (generation) and the reward plus the policy / reference / value forward
 passes (scoring); optimisation is the module's PPO minibatch steps. The first iteration is warm-up.
@@ -21,27 +21,36 @@ from typing import Any
 
 import lightning as L
 
+from llama2_lightning.callbacks.ppo import PPOCallback
+from llama2_lightning.data.prompts import PromptDataModule
+from llama2_lightning.modules.args import OptimizerArgs
+from llama2_lightning.modules.rlhf import RLHFModule
+from llama2_lightning.reward_functions import TokenRuleReward
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import markdown_table, parse_args, print_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class IterationTimes(L.Callback):
-    """After PPOCallback in the callback list: reads its timings and times the training step."""
+class TimedPPOCallback(PPOCallback):
+    """PPOCallback that keeps each iteration's timings: generation and scoring from its experience,
+    optimisation from the end of make_experience to the end of the training step."""
 
-    def __init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.rows: list[dict[str, float]] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        stats = pl_module.experience.stats
-        self.rows.append({"generation": stats["time/generation_s"], "scoring": stats["time/scoring_s"]})
+    def make_experience(self, trainer: L.Trainer, module: Any, batch: dict[str, Any]) -> Any:
+        exp = super().make_experience(trainer, module, batch)
+        self.rows.append({"generation": exp.stats["time/generation_s"], "scoring": exp.stats["time/scoring_s"]})
         self._start = time.perf_counter()
+        return exp
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.rows[-1]["optimisation"] = time.perf_counter() - self._start
 
 
@@ -59,11 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from llama2_lightning.callbacks.ppo import PPOCallback
-    from llama2_lightning.data.prompts import PromptDataModule
-    from llama2_lightning.modules.rlhf import RLHFModule
-    from llama2_lightning.reward_functions import TokenRuleReward
-
     args = parse_args(build_parser(), argv, preset="tiny", prompts=4, new_tokens=4, minibatch=4, iterations=1)
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,11 +79,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               tokenizer_path=str(ROOT / "data" / "tokenizer.model"), max_prompt_len=32,
                               batch_size=args.prompts, val_fraction=0.125, seed=0)
         module = RLHFModule(model=args.preset, reward=TokenRuleReward(target_ids=list(range(300, 556))),
-                            algorithm="ppo", max_new_tokens=args.new_tokens, minibatch_size=args.minibatch,
-                            lr=1e-5, optimizer=args.optimizer)
-        times = IterationTimes()
+                            max_new_tokens=args.new_tokens, minibatch_size=args.minibatch,
+                            optimizer=OptimizerArgs(name=args.optimizer, lr=1e-5))
+        times = TimedPPOCallback(seed=0)
         trainer = L.Trainer(max_epochs=args.iterations + 1, accelerator="cpu", devices=1,
-                            callbacks=[PPOCallback(seed=0), times], logger=False, enable_checkpointing=False,
+                            callbacks=[times], logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             num_sanity_val_steps=0, default_root_dir=tmp)
         trainer.fit(module, dm)

@@ -10,6 +10,12 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from torch.distributed.checkpoint.api import CheckpointException
+
+from llama2_lightning.checkpoint.safe_load import CheckpointReadError, UnsafeCheckpointError
+from llama2_lightning.compat_checks import CompatibilityError
+from llama2_lightning.run_lock import RunDirectoryLocked
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -25,12 +31,7 @@ def run_lightning(argv: list[str] | None, command: str) -> int:
     """A Lightning subcommand; the exit status says how it ended. 143 (the shell's status for
     SIGTERM): stopped by SIGTERM after saving a resumable checkpoint, what a scheduler's requeue
     logic looks for. 1: refused before training (lock held, mismatch, unsafe or unreadable checkpoint)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from llama2_lightning.checkpoint.safe_load import CheckpointReadError, UnsafeCheckpointError
-    from llama2_lightning.compat_checks import CompatibilityError
-    from llama2_lightning.run_lock import RunDirectoryLocked
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # Lightning only for its subcommands
 
     try:
         lightning_cli(argv)

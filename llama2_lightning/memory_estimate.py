@@ -124,10 +124,11 @@ def plan_from_config(config: Mapping[str, Any], world_size: int) -> StagePlan:
     trainer = config.get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
     master = _master_dtype(trainer.get("precision"))
-    compute = _dtype(args.get("param_dtype"), master)
+    sharding, optim = dict(args.get("sharding") or {}), dict(args.get("optimizer") or {})  # the modules' groups
+    compute = _dtype(sharding.get("param_dtype"), master)
     cfg = _model_config(args)
-    ckpt = bool(args.get("activation_checkpointing", False))
-    optimizer = str(args.get("optimizer", "adamw"))
+    ckpt = bool(sharding.get("activation_checkpointing", False))
+    optimizer = str(optim.get("name", "adamw"))
     seq = int(data.get("max_seq_len") or cfg.max_seq_len)
     rows = int(data.get("batch_size", 1))
     plan = StagePlan("", world_size, [], compute, optimizer, rows, seq, ckpt)
@@ -157,7 +158,9 @@ def plan_from_config(config: Mapping[str, Any], world_size: int) -> StagePlan:
 
 def _rlhf_plan(plan: StagePlan, cfg: LlamaConfig, args: dict[str, Any], data: dict[str, Any],
                callbacks: list[Any], master: torch.dtype) -> None:
-    algorithm = str(args.get("algorithm", "ppo"))
+    # the experience callback decides the algorithm
+    ppo = any(str(c.get("class_path", "")).endswith("PPOCallback") for c in callbacks)
+    algorithm = "ppo" if ppo else "rejection_sampling"
     plan.stage = f"rlhf-{algorithm}"
     plan.models.append(ModelSpec("policy", cfg, True, master))
     if algorithm == "ppo":

@@ -37,12 +37,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from llama2_lightning.chat import Message, truncate_pair
 from llama2_lightning.distributed import data_parallel_mesh, shard_transformer
 from llama2_lightning.tensor_parallel import parallelize_scalar_model
 from llama2_lightning.dtypes import DTYPES
-from llama2_lightning.reward_models import load_reward_model
+from llama2_lightning.reward_models import load_reward_model, score_ids
 from llama2_lightning.rlhf.reward_shaping import SAFETY_THRESHOLD, combine_rewards, logit
 from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.tokenizer import Tokenizer
@@ -192,8 +193,6 @@ def load_frozen_reward_model(path: str | os.PathLike[str], device: torch.device,
     if device_mesh is not None:
         if load_in_8bit:
             raise ValueError("load_in_8bit and FSDP sharding do not combine: int8 weights cannot be sharded")
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
         # FSDP2 moves one unit's full weights to the device at a time and keeps its shard, so a model
         # larger than one GPU is never whole on it (the CPU copy is memory-mapped where the dtype allows).
         parallelize_scalar_model(model, device_mesh)  # split over the TP group first, if there is one
@@ -208,18 +207,6 @@ def load_frozen_reward_model(path: str | os.PathLike[str], device: torch.device,
         # The head stays in floating point: it is one (1, C) matrix and sets the reward's scale.
         quantize_linear_8bit(model.trunk, skip=("output",))
     return model
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Right-padded ``(tokens (B, T) long, attention_mask (B, T) bool)``; causal attention never lets a
-    real token see the padding after it, so the scalar model keeps its fused kernel."""
-    T = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        tokens[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = True
-    return tokens.to(device), mask.to(device)
 
 
 class _LearnedRewardBase(RewardFunction):
@@ -259,12 +246,7 @@ class _LearnedRewardBase(RewardFunction):
                 fitted = truncate_pair(ids, ids, limit, self.bos_id)
                 ids = fitted[0] if fitted is not None else [self.bos_id, *ids[len(ids) - limit + 1:]]
             sequences.append(ids)
-        model_device = model.trunk.tok_embeddings.weight.device
-        out = []
-        for start in range(0, len(sequences), self.batch_size):
-            tokens, mask = pad_sequences(sequences[start:start + self.batch_size], self.pad_id, model_device)
-            out.append(model(tokens, mask).float())  # (b,)
-        return torch.cat(out).to(device)  # (B,)
+        return score_ids(model, sequences, self.pad_id, self.batch_size).to(device)  # (B,)
 
 
 class RewardModelReward(_LearnedRewardBase):
@@ -350,4 +332,4 @@ class Llama2DualReward(_LearnedRewardBase):
 
 
 __all__ = ["RewardFunction", "TokenRuleReward", "LengthRuleReward", "RewardModelReward", "Llama2DualReward",
-           "load_frozen_reward_model", "quantize_linear_8bit", "pad_sequences"]
+           "load_frozen_reward_model", "quantize_linear_8bit"]

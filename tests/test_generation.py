@@ -199,22 +199,22 @@ def test_prompt_bucket_is_the_next_power_of_two_within_the_context() -> None:
 
 
 def test_rlhf_rollout_prefills_each_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    import llama2_lightning.modules.rlhf as rlhf
+    import llama2_lightning.rlhf.rollout as rollout_file
+    from llama2_lightning.modules.rlhf import RLHFModule
     from llama2_lightning.reward_functions import LengthRuleReward
     from llama2_lightning.tokenizer import Tokenizer
 
-    module = rlhf.RLHFModule(model="tiny", reward=LengthRuleReward(target_length=4), max_new_tokens=6,
-                             algorithm="rejection_sampling")
+    module = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=4), max_new_tokens=6)
     module.configure_model()
     module.tokenizer = Tokenizer("data/tokenizer.model")
     calls = []
-    real_generate = rlhf.generate
+    real_generate = rollout_file.generate
 
     def spy(model, prompts, *args, **kwargs):
         calls.append((len(prompts), kwargs.get("num_samples", 1)))
         return real_generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(rlhf, "generate", spy)
+    monkeypatch.setattr(rollout_file, "generate", spy)
     batch = {"prompt_ids": PROMPTS, "messages": [[] for _ in PROMPTS], "is_safety": torch.tensor([0, 1, 0]),
              "index": torch.tensor([7, 8, 9])}
     rollout = module.rollout(batch, seed=3, temperature=1.0, num_samples=4)

@@ -74,17 +74,20 @@ def test_8bit_adamw_steps_and_quarters_the_state_of_large_matrices() -> None:
 
 def test_rlhf_module_takes_the_8bit_optimizer(tmp_path) -> None:
     bnb = pytest.importorskip("bitsandbytes")
+    from llama2_lightning.callbacks.ppo import PPOCallback
+    from llama2_lightning.modules.args import OptimizerArgs
     from llama2_lightning.modules.rlhf import RLHFModule
     from llama2_lightning.reward_functions import LengthRuleReward
 
-    module = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8), optimizer="adamw8bit", lr=1e-5,
-                        value_lr=1e-4)
+    module = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8),
+                        optimizer=OptimizerArgs(name="adamw8bit", lr=1e-5), value_lr=1e-4)
+    module.experience_callback = PPOCallback()  # PPO: a value model with its own LR
     module.configure_model()
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     assert isinstance(opt, bnb.optim.AdamW8bit)
     assert {g["lr"] for g in opt.param_groups} == {1e-5, 1e-4}  # policy and value model keep their own LRs
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.model.parameters())) + len(
         list(module.value_model.parameters()))
     default = RLHFModule(model="tiny", reward=LengthRuleReward(target_length=8))
     default.configure_model()
-    assert type(default.configure_optimizers()) is torch.optim.AdamW
+    assert type(default.configure_optimizers()["optimizer"]) is torch.optim.AdamW

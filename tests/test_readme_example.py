@@ -53,7 +53,7 @@ def test_readme_subclass_example_trains_only_the_unfrozen_blocks(tmp_path: Path,
                          f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.callbacks.max_new_tokens=4"])
     module = cli.model
     assert type(module).__name__ == "FrozenBottomSFT" and module.freeze_layers == 4
-    assert module.hparams.lr == 3.0e-4  # kept from configs/sft/tiny.yaml under the new class
+    assert module.optimizer_args.lr == 3.0e-4  # kept from configs/sft/tiny.yaml under the new class
     assert cli.trainer.global_step == 3
     after = module.model.state_dict()
     before = base.state_dict()

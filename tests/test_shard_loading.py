@@ -22,6 +22,7 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import shard_transformer
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules import SFTModule, common
+from llama2_lightning.modules.args import ShardingArgs
 
 
 def free_port() -> int:
@@ -87,7 +88,8 @@ def test_configure_model_builds_every_parameter_on_meta(mesh1: object, bf16_ckpt
         original(module, *args, **kwargs)
 
     monkeypatch.setattr(common, "materialize", recording)
-    module = SFTModule(init_from=str(bf16_ckpt), model="tiny", param_dtype="bfloat16", activation_checkpointing=True)
+    module = SFTModule(init_from=str(bf16_ckpt), model="tiny",
+                       sharding=ShardingArgs(param_dtype="bfloat16", activation_checkpointing=True))
     module._device_mesh = mesh1
     module.configure_model()
     assert seen == [(True, True)]

@@ -1,28 +1,16 @@
 """PPO experience for Llama 2's RLHF stage (Touvron et al. 2023, section 3.2.3).
 
-Each training epoch is one PPO iteration over one batch of prompts (``RLHFModule`` docstring). Before
-the module's ``training_step``, this callback
-
-1. samples one answer per prompt from the current policy (KV cache, eval mode, temperature 1);
-2. scores it with the module's reward function (for Llama 2: ``LOGIT(R_c)`` of the gated reward models);
-3. computes the policy's log-probs, the reference's, and the value model's values on the answer;
-4. builds the per-token reward ``WHITEN(reward)`` on the last answer token ``- beta * KL_t`` on every
-   answer token (``rlhf.per_token_rewards``; the sum over a response is the paper's
-   ``R = WHITEN(LOGIT(R_c)) - beta * KL(pi_theta || pi_0)``);
-5. runs GAE (``gamma``, ``lam``) and whitens the advantages over the rollout;
-6. hands the result to the module (``set_experience``), which takes the clipped PPO steps.
-
-beta is fixed (paper: 0.01 for 7B/13B, 0.005 for 34B/70B) or, with ``adaptive_kl``, steered towards
-a target KL (Ziegler et al. 2019). Rewards are whitened over the rollout whatever the reward function
-is, so the same callback serves rule rewards and reward models.
+One PPO iteration: ``make_experience`` (numbered steps below) turns the iteration's prompt batch
+into a :class:`~llama2_lightning.rlhf.experience.PPOExperience`; ``RLHFModule.ppo_update`` then takes
+the clipped PPO steps on it. beta is fixed (paper: 0.01 for 7B/13B, 0.005 for 34B/70B) or, with
+``adaptive_kl``, steered towards a target KL (Ziegler et al. 2019). Rewards are whitened over the
+rollout whatever the reward function is, so the same callback serves rule rewards and reward models.
 
 Distributed: each data-parallel rank makes experience from its share of the prompts and whitens
 over its own share (statistics are not all-reduced; with the paper's 512 prompts a rank still has
-64 or more).
-
-Held-out evaluation and early stopping are not this callback's job: ``RLHFModule.validation_step``
-logs ``val/reward`` and ``val/kl`` on the held-out prompts, and Lightning's ``EarlyStopping``
-(``monitor: val/reward``, ``mode: max``, ``patience``) stops on them and carries its own state.
+64 or more). Held-out evaluation and early stopping are not this callback's job:
+``RLHFModule.validation_step`` logs ``val/reward`` and ``val/kl``, and Lightning's ``EarlyStopping``
+(``monitor: val/reward``, ``mode: max``) stops on them.
 
 State (``state_dict``): the iteration counter, which seeds the rollout sampling and the minibatch
 order, and the KL controller's beta, so a resumed run continues exactly.
@@ -34,24 +22,19 @@ import time
 from typing import Any
 
 import lightning as L
-import numpy as np
-import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from llama2_lightning.rlhf.advantages import gae
-from llama2_lightning.rlhf.kl import KLKind, kl_penalty
+from llama2_lightning.rlhf.experience import ExperienceCallback, PPOExperience, RolloutSource, iteration_seed
+from llama2_lightning.rlhf.kl import KLKind, sequence_kl
 from llama2_lightning.rlhf.kl_control import AdaptiveKLController, FixedKLController
 from llama2_lightning.rlhf.masking import masked_mean, masked_whiten
 from llama2_lightning.rlhf.reward_shaping import per_token_rewards, whiten_rewards
 from llama2_lightning.tensor_parallel import data_parallel_rank
 
 
-def iteration_seed(seed: int, iteration: int, rank: int) -> int:
-    """A seed for one (iteration, rank), independent of the others and of the global RNG."""
-    return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class PPOCallback(L.Callback):
-    """Make PPO experience at the start of every iteration (module docstring).
+class PPOCallback(ExperienceCallback):
+    """Make PPO experience for every iteration (module docstring); its presence makes the run PPO.
 
     Args:
         kl_coef: beta of ``- beta * KL`` (paper: 0.01 for 7B/13B, 0.005 for 34B/70B); with
@@ -87,56 +70,63 @@ class PPOCallback(L.Callback):
         self.seed = seed
         self.iteration = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        from llama2_lightning.modules.rlhf import PPOExperience
+    uses_value_model = True
 
+    def make_experience(self, trainer: L.Trainer, module: RolloutSource, batch: dict[str, Any]) -> PPOExperience:
         seed = iteration_seed(self.seed, self.iteration, data_parallel_rank(trainer))
+        # 1. sample one answer per prompt from the current policy (temperature 1: PPO's ratio needs it)
         t0 = time.perf_counter()
-        rollout = pl_module.rollout(batch, seed=seed)
-        t1 = time.perf_counter()
-        parts = pl_module.score(rollout)
-        ev = pl_module.evaluate_rollout(rollout, values=True)
-        t2 = time.perf_counter()
-
+        rollout = module.rollout(batch, seed=seed)
         mask = rollout.action_mask  # (B, T - 1)
+        # 2. score each answer: the sequence reward (Llama 2: LOGIT(R_c) of the gated reward models)
+        t1 = time.perf_counter()
+        parts = module.score(rollout)
         reward = parts["reward"]  # (B,)
+        # 3. the log-probs of the answers under the policy and pi_0, and the value of every state
+        ev = module.evaluate_rollout(rollout)
+        t2 = time.perf_counter()
+        # 4. the per-token reward: WHITEN(reward) on each answer's last token - beta * KL_t on every answer
+        #    token; summed over an answer it is the paper's R = WHITEN(LOGIT(R_c)) - beta * KL(pi_theta || pi_0)
         seq_reward = whiten_rewards(reward) if self.whiten_rewards and reward.numel() > 1 else reward
         beta = self.kl_controller.beta
         rewards = per_token_rewards(seq_reward, ev["logprobs"], ev["ref_logprobs"], mask, beta,
                                     self.kl_estimator)  # (B, T - 1)
+        # 5. advantages and value targets by GAE, the advantages whitened over the answer tokens
         advantages, returns = gae(rewards, ev["values"], mask, self.gamma, self.lam)
         advantage_mean = float(masked_mean(advantages, mask))  # before whitening: is the policy beating V?
         if self.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        kl_tok = kl_penalty(ev["logprobs"], ev["ref_logprobs"], "k1")  # (B, T - 1)
-        kl_seq = torch.where(mask, kl_tok, 0.0).sum(dim=1)  # (B,) sequence KL estimate, nats
-        kl_k3 = torch.where(mask, kl_penalty(ev["logprobs"], ev["ref_logprobs"], "k3"), 0.0).sum(dim=1)
-        # Ziegler et al. update beta with the KL of the rollout just taken, counted in samples.
-        self.kl_controller.update(float(kl_seq.mean()), n_steps=int(mask.size(0)))
+        # 6. beta follows the KL of the rollout just taken, counted in samples (Ziegler et al.)
+        kl = sequence_kl(ev["logprobs"], ev["ref_logprobs"], mask)  # (B,) nats
+        kl_k3 = sequence_kl(ev["logprobs"], ev["ref_logprobs"], mask, "k3")  # (B,)
+        self.kl_controller.update(float(kl.mean()), n_steps=int(mask.size(0)))
 
         stats = {
             "reward": float(reward.mean()),
             "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
-            "kl": float(kl_seq.mean()),
+            "kl": float(kl.mean()),
             "kl_k3": float(kl_k3.mean()),
             "beta": beta,
-            "kl_penalty": float(beta * kl_seq.mean()),
+            "kl_penalty": float(beta * kl.mean()),
             "response_length": float(rollout.answer_lengths.float().mean()),
-            "eos_fraction": float(sum(bool(a) and a[-1] == pl_module.tokenizer.eos_id for a in rollout.answer_ids)
+            "eos_fraction": float(sum(bool(a) and a[-1] == module.tokenizer.eos_id for a in rollout.answer_ids)
                                   / len(rollout.answer_ids)),
             "advantage_mean": advantage_mean,
             "return_mean": float(masked_mean(returns, mask)),
             "iteration": float(self.iteration),
             "time/generation_s": t1 - t0,
             "time/scoring_s": t2 - t1,
+            **{f"reward_{k}": float(v.mean()) for k, v in parts.items() if k != "reward"},
         }
-        stats.update({f"reward_{k}": float(v.mean()) for k, v in parts.items() if k != "reward"})
-        pl_module.set_experience(PPOExperience(
-            tokens=rollout.tokens, lengths=rollout.lengths, action_mask=mask, old_logprobs=ev["logprobs"],
-            old_values=ev["values"], rewards=rewards, advantages=advantages, returns=returns,
-            batch_index=batch["index"], seed=seed, stats=stats,
-        ))
+        return PPOExperience(tokens=rollout.tokens, lengths=rollout.lengths, action_mask=mask,
+                             old_logprobs=ev["logprobs"], old_values=ev["values"], rewards=rewards,
+                             advantages=advantages, returns=returns, seed=seed, stats=stats)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        hp = pl_module.hparams
+        if hp.get("temperature", 1.0) != 1.0 or hp.get("top_p", 1.0) < 1.0 or hp.get("top_k") is not None:
+            rank_zero_warn("PPOCallback: the module samples with temperature/top_p/top_k other than 1/1/None, so "
+                           "rollouts do not come from the policy whose log-probs the ratio uses")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -155,4 +145,4 @@ class PPOCallback(L.Callback):
         self.kl_controller.load_state_dict(state_dict["kl_controller"])
 
 
-__all__ = ["PPOCallback", "iteration_seed"]
+__all__ = ["PPOCallback"]

@@ -1,16 +1,11 @@
 """Rejection-sampling fine-tuning (Touvron et al. 2023, section 3.2.3).
 
-Each training epoch is one round over one batch of prompts (``RLHFModule`` docstring). Before the
-module's ``training_step``, this callback
-
-1. samples ``num_samples`` (K) answers per prompt from the *latest* policy, the prompt repeated K
-   times in one generation batch, at this round's temperature;
-2. scores them with the module's reward function and keeps each prompt's best;
-3. pools it with the best answers of all earlier rounds: per prompt, the highest-reward answer over
-   every round so far is kept. The paper first fine-tuned on the last round's samples only and saw
-   regressions (e.g. forgotten rhyming skills); taking the top samples of all prior iterations fixed them;
-4. hands the pool to the module as SFT samples (answer-only NLL, the chat format's loss mask),
-   which it fine-tunes on in minibatches.
+One round: ``make_experience`` (numbered steps below) samples K answers per prompt from the
+*latest* policy, keeps each prompt's best and pools it with the best answers of all earlier rounds:
+the paper first fine-tuned on the last round's samples only and saw regressions (e.g. forgotten
+rhyming skills); taking the top samples of all prior iterations fixed them. The pool comes back as a
+:class:`~llama2_lightning.rlhf.experience.SFTExperience`, on which ``RLHFModule.sft_update``
+fine-tunes (answer-only NLL).
 
 Temperature: the paper finds the best temperature rises as the model improves (1.2-1.3 for 10-100
 samples at later stages), so it can rise by round: an explicit ``temperatures`` list (the last value
@@ -36,13 +31,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from llama2_lightning.callbacks.ppo import iteration_seed
 from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
 from llama2_lightning.tensor_parallel import data_parallel_rank, data_parallel_size
+from llama2_lightning.rlhf.experience import ExperienceCallback, RolloutSource, SFTExperience, iteration_seed
 
 
-class RejectionSamplingCallback(L.Callback):
-    """Best-of-K samples, pooled over rounds, as the module's fine-tuning data (module docstring).
+class RejectionSamplingCallback(ExperienceCallback):
+    """Best-of-K samples, pooled over rounds, as the module's fine-tuning data (module docstring); its
+    presence makes the run rejection sampling.
 
     Args:
         num_samples: K answers per prompt (paper: up to 10-100 with the 70B model).
@@ -68,10 +64,10 @@ class RejectionSamplingCallback(L.Callback):
         if train_on not in ("pool", "round"):
             raise ValueError(f"train_on {train_on!r}; allowed: pool, round")
         self.num_samples = num_samples
+        # the schedule: an explicit list, else min(temperature + round * increment, max_temperature)
         self.temperatures = list(temperatures) if temperatures is not None else None
-        self.temperature = temperature
-        self.temperature_increment = temperature_increment
-        self.max_temperature = max_temperature
+        self.temperature, self.temperature_increment, self.max_temperature = (temperature, temperature_increment,
+                                                                               max_temperature)
         self.train_on = train_on
         self.seed = seed
         self.pool_from = pool_from
@@ -97,25 +93,24 @@ class RejectionSamplingCallback(L.Callback):
         if stage == "fit" and self.pool_from is not None:
             self.load_state_dict(pool_state_from_checkpoint(self.pool_from))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        from llama2_lightning.modules.rlhf import SFTExperience
-
+    def make_experience(self, trainer: L.Trainer, module: RolloutSource, batch: dict[str, Any]) -> SFTExperience:
         K = self.num_samples
         temperature = self.temperature_for(self.round)
         seed = iteration_seed(self.seed, self.round, data_parallel_rank(trainer))
+        # 1. sample K answers per prompt from the latest policy, at this round's temperature
         t0 = time.perf_counter()
-        rollout = pl_module.rollout(batch, seed=seed, temperature=temperature, num_samples=K)
+        rollout = module.rollout(batch, seed=seed, temperature=temperature, num_samples=K)
+        # 2. score them and keep each prompt's best
         t1 = time.perf_counter()
-        reward = pl_module.score(rollout)["reward"].view(-1, K)  # (B, K)
+        reward = module.score(rollout)["reward"].view(-1, K)  # (B, K)
         t2 = time.perf_counter()
-        best = reward.argmax(dim=1)  # (B,)
         new: list[tuple[int, dict[str, Any]]] = []
-        for i, k in enumerate(best.tolist()):
+        for i, k in enumerate(reward.argmax(dim=1).tolist()):
             row = i * K + k
             new.append((int(batch["index"][i]), {"prompt_ids": list(rollout.prompt_ids[row]),
                                                  "answer_ids": list(rollout.answer_ids[row]),
                                                  "reward": float(reward[i, k]), "round": self.round}))
+        # 3. pool: per prompt, the best answer over every round so far (all ranks' new bests)
         improved = 0
         for index, entry in self._gather(new):
             old = self.pool.get(index)
@@ -125,7 +120,7 @@ class RejectionSamplingCallback(L.Callback):
             if old is None or entry["reward"] > old["reward"]:
                 improved += old is not None
                 self.pool[index] = entry
-
+        # 4. this rank's strided share of the pool (or of this round's prompts) as SFT samples
         keys = sorted(self.pool) if self.train_on == "pool" else sorted({i for i, _ in new})
         # one share per data-parallel replica: the ranks of a tensor-parallel group train on the same one
         keys = keys[data_parallel_rank(trainer)::data_parallel_size(trainer)] or keys[:1]
@@ -142,9 +137,8 @@ class RejectionSamplingCallback(L.Callback):
             "time/generation_s": t1 - t0,
             "time/scoring_s": t2 - t1,
         }
-        pl_module.set_experience(SFTExperience.from_pairs(
-            [e["prompt_ids"] for e in chosen], [e["answer_ids"] for e in chosen], pl_module.tokenizer.pad_id,
-            batch_index=batch["index"], seed=seed, stats=stats))
+        return SFTExperience.from_pairs([e["prompt_ids"] for e in chosen], [e["answer_ids"] for e in chosen],
+                                        module.tokenizer.pad_id, seed=seed, stats=stats)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,8 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import is_sharded, shard_scalar_model, shard_transformer
 from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
 from llama2_lightning.model import Transformer
-from llama2_lightning.optim import OptimizerName, build_optimizer, cosine_with_warmup, param_groups
+from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs, as_args
+from llama2_lightning.optim import build_optimizer, cosine_with_warmup, param_groups
 from llama2_lightning.reward_models import is_reward_checkpoint, read_reward_checkpoint
 from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.shard_loading import device_mesh_of, load_distributed, materialization_device, materialize
@@ -26,6 +30,17 @@ def unpack_lm_batch(batch: Any) -> tuple[Tensor, Tensor]:
         return batch["input_ids"], batch["labels"] if "labels" in batch else batch["targets"]
     x, y = batch
     return x, y
+
+
+def save_grouped_hyperparameters(module: L.LightningModule, optimizer: OptimizerArgs | dict[str, Any] | None,
+                                 default_optimizer: OptimizerArgs, sharding: ShardingArgs | dict[str, Any] | None,
+                                 ignore: Sequence[str] = ()) -> tuple[OptimizerArgs, ShardingArgs]:
+    """``module.save_hyperparameters`` with the argument groups stored as plain dicts (checkpoints load
+    with ``weights_only=True``); returns the groups as dataclasses (from a checkpoint's dicts too)."""
+    opt, shard = as_args(OptimizerArgs, optimizer, default_optimizer), as_args(ShardingArgs, sharding, ShardingArgs())
+    module.save_hyperparameters(ignore=list(ignore), frame=inspect.currentframe().f_back)
+    module.hparams.update(optimizer=asdict(opt), sharding=asdict(shard))
+    return opt, shard
 
 
 def build_config(model: str | dict[str, Any] | None, model_overrides: dict[str, Any] | None = None,
@@ -116,16 +131,18 @@ def build_scalar_model(config: LlamaConfig, init_from: str | None = None, activa
     return model
 
 
-def cosine_adamw(module: L.LightningModule, params: nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, warmup_steps: int, min_lr_ratio: float, decay_steps: int | None = None,
-                 optimizer: OptimizerName = "adamw", decay_norm_and_embeddings: bool = False) -> dict[str, Any]:
-    """AdamW (or 8-bit AdamW) + linear warm-up + cosine to ``min_lr_ratio``, stepped per optimiser step.
-    The cosine spans ``decay_steps``, else ``trainer.max_steps``, else the estimated stepping batches."""
-    opt = build_optimizer(param_groups(params, weight_decay, decay_norm_and_embeddings), optimizer, lr,
-                          tuple(betas), eps)
-    trainer = module.trainer
-    total = decay_steps or (trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: cosine_with_warmup(step, warmup_steps, total, min_lr_ratio)
-    )
+def cosine_adamw(module: L.LightningModule, models: Sequence[tuple[nn.Module | None, float]], args: OptimizerArgs,
+                 total_steps: int | None = None) -> dict[str, Any]:
+    """AdamW (or 8-bit AdamW) over each ``(model, peak lr)`` + linear warm-up + cosine to ``min_lr_ratio``,
+    stepped per optimiser step. The cosine spans ``args.decay_steps``, else ``total_steps``, else
+    ``trainer.max_steps``, else the estimated stepping batches."""
+    groups = [{**g, "lr": lr} for model, lr in models if model is not None
+              for g in param_groups(model, args.weight_decay, args.decay_norm_and_embeddings) if g["params"]]
+    opt = build_optimizer(groups, args.name, args.lr, tuple(args.betas), args.eps)
+    total = args.decay_steps or total_steps
+    if total is None:
+        trainer = module.trainer
+        total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+    warmup, floor = args.warmup_for(total), args.min_lr_ratio
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total, floor))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

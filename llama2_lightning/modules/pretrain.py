@@ -13,8 +13,12 @@ from torchmetrics import MeanMetric
 
 from llama2_lightning.losses import IGNORE_INDEX
 from llama2_lightning.model import Transformer
-from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw, unpack_lm_batch
-from llama2_lightning.optim import OptimizerName
+from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.common import (
+    build_config, build_transformer, cosine_adamw, save_grouped_hyperparameters, unpack_lm_batch,
+)
+
+DEFAULT_OPTIMIZER = OptimizerArgs(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1)  # paper, section 2.2
 from llama2_lightning.tensor_parallel import cross_entropy, loss_backward_context
 
 
@@ -24,12 +28,9 @@ class PretrainModule(L.LightningModule):
     Args:
         model: preset name or full ``LlamaConfig`` fields.
         model_overrides: fields to change on the preset (e.g. ``vocab_size`` to match a tokenizer).
-        lr: peak learning rate (paper: 3e-4 for 7B/13B, 1.5e-4 for 34B/70B).
-        warmup_steps: linear warm-up (paper: 2,000).
-        min_lr_ratio: final LR as a fraction of the peak (paper: 0.1).
-        decay_steps: length of the cosine; defaults to ``trainer.max_steps``.
-        param_dtype / reduce_dtype: FSDP2 mixed precision when sharded (paper: bf16 compute).
-        activation_checkpointing: recompute each block in backward to save activation memory.
+        optimizer: AdamW and its schedule (paper: peak 3e-4 for 7B/13B, 1.5e-4 for 34B/70B, 2,000
+            warm-up steps, cosine to 10%); the cosine spans ``trainer.max_steps`` unless ``decay_steps``.
+        sharding: FSDP2 mixed precision when sharded (paper: bf16 compute), activation checkpointing.
     """
 
     def __init__(
@@ -37,39 +38,23 @@ class PretrainModule(L.LightningModule):
         model: str | dict[str, Any] = "small",
         model_overrides: dict[str, Any] | None = None,
         init_from: str | None = None,
-        lr: float = 3e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-5,
-        weight_decay: float = 0.1,
-        decay_norm_and_embeddings: bool = False,
-        warmup_steps: int = 2000,
-        min_lr_ratio: float = 0.1,
-        decay_steps: int | None = None,
-        optimizer: OptimizerName = "adamw",
-        activation_checkpointing: bool = False,
-        param_dtype: str | None = None,
-        reduce_dtype: str | None = "float32",
+        optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
+        sharding: ShardingArgs = ShardingArgs(),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding)
         self.config = build_config(model, model_overrides)
         self.model: Transformer | None = None
+        self.flops_per_batch: int | None = None  # for LlamaThroughputMonitor's MFU, from the first batch
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self._last_step_time: float | None = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        self.model = build_transformer(self.config, hp.init_from, hp.activation_checkpointing, self.device_mesh,
-                                       hp.param_dtype, hp.reduce_dtype)
-
-    @property
-    def flops_per_batch(self) -> int | None:
-        """Read by Lightning's ThroughputMonitor for MFU."""
-        return getattr(self, "_flops_per_batch", None)
+        if self.model is None:  # the sharding group's fields are the builder's keywords
+            self.model = build_transformer(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                           **vars(self.sharding))
 
     def forward(self, tokens: Tensor, sharded_logits: bool = False) -> Tensor:
         assert self.model is not None, "configure_model() has not run"
@@ -80,8 +65,8 @@ class PretrainModule(L.LightningModule):
         # (B, T, V); under tensor parallelism a DTensor of V/tp columns per rank, never gathered
         logits = self(x, sharded_logits=True)
         loss = cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-        if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
-            self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        if self.model is not None and self.flops_per_batch is None:
+            self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
         return loss, int((y != IGNORE_INDEX).sum())
 
     # ------------------------------------------------------------------ steps
@@ -140,12 +125,7 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.model is not None
-        hp = self.hparams
-        return cosine_adamw(
-            self, self.model, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, decay_steps=hp.decay_steps,
-            optimizer=hp.optimizer, decay_norm_and_embeddings=hp.decay_norm_and_embeddings,
-        )
+        return cosine_adamw(self, [(self.model, self.optimizer_args.lr)], self.optimizer_args)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

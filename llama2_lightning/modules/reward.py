@@ -23,7 +23,6 @@ Shape letters: B pairs in a batch, T sequence length.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -33,10 +32,12 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from llama2_lightning.modules.common import build_config, build_scalar_model, cosine_adamw
-from llama2_lightning.optim import OptimizerName
+from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.common import build_config, build_scalar_model, cosine_adamw, save_grouped_hyperparameters
 from llama2_lightning.rlhf.ranking import MARGINS, MarginTable, margin_for, ranking_loss
 from llama2_lightning.scalar_model import ScalarModel
+
+DEFAULT_OPTIMIZER = OptimizerArgs(lr=1e-5, warmup_steps=5, warmup_ratio=0.03, min_lr_ratio=0.1)  # paper, 3.2.2
 
 # Prefixes of the reward model's tensors in a RewardModule state dict (module docstring).
 TRUNK_PREFIX = "model.trunk."
@@ -126,11 +127,10 @@ class RewardModule(L.LightningModule):
             RLHF), any format; its LM head is dropped and a fresh scalar head added. A reward-model
             checkpoint written by this module is also accepted (head kept), to continue or evaluate one.
         margin: margin table for m(r): ``"small"`` (the paper's choice), ``"large"`` or ``"none"``.
-        lr: peak learning rate (paper: 1e-5, 5e-6 for 70B).
-        warmup_ratio / min_warmup_steps: linear warm-up over this share of all optimiser steps, at
-            least ``min_warmup_steps`` (paper: 3%, at least 5).
-        min_lr_ratio: cosine decay to this fraction of the peak (paper: 10%).
-        param_dtype / reduce_dtype / activation_checkpointing: as in ``PretrainModule``.
+        optimizer: AdamW and its schedule (paper: peak 1e-5, 5e-6 for 70B; warm-up over 3% of the
+            optimiser steps, at least 5: ``warmup_ratio`` 0.03, ``warmup_steps`` 5; cosine to 10%),
+            spanning the whole run (one epoch in the paper).
+        sharding: as in ``PretrainModule``.
     """
 
     def __init__(
@@ -139,25 +139,13 @@ class RewardModule(L.LightningModule):
         model_overrides: dict[str, Any] | None = None,
         init_from: str | None = None,
         margin: MarginTable = "small",
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-5,
-        weight_decay: float = 0.1,
-        decay_norm_and_embeddings: bool = False,
-        warmup_ratio: float = 0.03,
-        min_warmup_steps: int = 5,
-        min_lr_ratio: float = 0.1,
-        optimizer: OptimizerName = "adamw",
-        activation_checkpointing: bool = False,
-        param_dtype: str | None = None,
-        reduce_dtype: str | None = "float32",
+        optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
+        sharding: ShardingArgs = ShardingArgs(),
     ) -> None:
         super().__init__()
         if margin not in ("small", "large", "none"):
             raise ValueError(f"margin: unknown margin table {margin!r}; allowed: small, large, none")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        self.save_hyperparameters()
+        self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding)
         self.config = build_config(model, model_overrides, init_from)
         self.model: ScalarModel | None = None
         self._make_metrics([])
@@ -178,10 +166,9 @@ class RewardModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
         # On the meta device, sharded, then each rank materialises and loads its own shard only.
-        self.model = build_scalar_model(self.config, hp.init_from, hp.activation_checkpointing, self.device_mesh,
-                                        hp.param_dtype, hp.reduce_dtype)
+        self.model = build_scalar_model(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                        **vars(self.sharding))
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Scores (N,) float32 of N sequences (N, T), read at each row's last real token."""
@@ -238,20 +225,11 @@ class RewardModule(L.LightningModule):
             self.log(f"{prefix}/{name}", value, prog_bar=name == "accuracy", sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
-    def warmup_steps(self, total_steps: int) -> int:
-        """The paper's warm-up: 3% of all optimiser steps, at least 5 (section 3.2.2)."""
-        return max(self.hparams.min_warmup_steps, math.ceil(self.hparams.warmup_ratio * total_steps))
-
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.model is not None
-        hp = self.hparams
         # One epoch in the paper: the schedule spans the whole run, whatever its length.
-        total = int(self.trainer.estimated_stepping_batches)
-        return cosine_adamw(
-            self, self.model, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-            warmup_steps=self.warmup_steps(total), min_lr_ratio=hp.min_lr_ratio, decay_steps=total,
-            optimizer=hp.optimizer, decay_norm_and_embeddings=hp.decay_norm_and_embeddings,
-        )
+        return cosine_adamw(self, [(self.model, self.optimizer_args.lr)], self.optimizer_args,
+                            total_steps=int(self.trainer.estimated_stepping_batches))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

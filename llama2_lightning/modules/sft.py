@@ -20,8 +20,10 @@ from torchmetrics import MeanMetric
 from llama2_lightning.data.sft import packed_attention_mask
 from llama2_lightning.losses import answer_loss
 from llama2_lightning.model import Transformer
-from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw
-from llama2_lightning.optim import OptimizerName
+from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw, save_grouped_hyperparameters
+
+DEFAULT_OPTIMIZER = OptimizerArgs(lr=2e-5, warmup_steps=10, min_lr_ratio=0.1)  # paper, section 3.1
 from llama2_lightning.tensor_parallel import loss_backward_context
 
 
@@ -34,17 +36,12 @@ class SFTModule(L.LightningModule):
         model: preset name or ``LlamaConfig`` dict; ``None`` takes the config stored with ``init_from``.
             A given preset is checked against the checkpoint's shapes when the weights load.
         model_overrides: fields to change on that config (e.g. ``max_seq_len``).
-        lr: peak learning rate (paper: 2e-5).
-        weight_decay: paper: 0.1.
-        warmup_steps: linear warm-up. The paper states none for SFT; the default 10 steps is a short
-            ramp for the first updates (a paper-sized run, 27,540 dialogs x 2 epochs at batch 64, is at
-            most ~860 optimiser steps, fewer when packed).
-        min_lr_ratio: final LR as a fraction of the peak. The paper says "cosine" without a floor; 0.1
-            is the floor of its pretraining schedule.
-        decay_steps: length of the cosine; defaults to ``trainer.max_steps``, else the run's length
-            (``max_epochs`` x optimiser steps per epoch).
-        param_dtype / reduce_dtype: FSDP2 mixed precision when sharded (bf16 compute on GPUs).
-        activation_checkpointing: recompute each block in backward to save activation memory.
+        optimizer: AdamW and its schedule (paper: peak 2e-5, weight decay 0.1, cosine). The paper states
+            no warm-up for SFT; the default 10 steps is a short ramp for the first updates (a paper-sized
+            run, 27,540 dialogs x 2 epochs at batch 64, is at most ~860 optimiser steps). The paper's
+            cosine has no stated floor; 0.1 is its pretraining schedule's. The cosine spans
+            ``trainer.max_steps``, else the run's length, unless ``decay_steps``.
+        sharding: FSDP2 mixed precision when sharded (bf16 compute on GPUs), activation checkpointing.
     """
 
     def __init__(
@@ -52,21 +49,11 @@ class SFTModule(L.LightningModule):
         init_from: str | None = None,
         model: str | dict[str, Any] | None = None,
         model_overrides: dict[str, Any] | None = None,
-        lr: float = 2e-5,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-5,
-        weight_decay: float = 0.1,
-        decay_norm_and_embeddings: bool = False,
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.1,
-        decay_steps: int | None = None,
-        optimizer: OptimizerName = "adamw",
-        activation_checkpointing: bool = False,
-        param_dtype: str | None = None,
-        reduce_dtype: str | None = "float32",
+        optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
+        sharding: ShardingArgs = ShardingArgs(),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding)
         if model is None and init_from is None:
             raise ValueError("SFTModule: set init_from (the pretrained checkpoint) or model (a preset, random weights)")
         try:
@@ -79,6 +66,7 @@ class SFTModule(L.LightningModule):
         if init_from is None:
             rank_zero_warn("SFTModule: init_from is None, so fine-tuning starts from random weights")
         self.model: Transformer | None = None
+        self.flops_per_batch: int | None = None  # for LlamaThroughputMonitor's MFU, from the first batch
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
 
@@ -100,16 +88,9 @@ class SFTModule(L.LightningModule):
             )
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        self.model = build_transformer(self.config, hp.init_from, hp.activation_checkpointing, self.device_mesh,
-                                       hp.param_dtype, hp.reduce_dtype)
-
-    @property
-    def flops_per_batch(self) -> int | None:
-        """Read by Lightning's ThroughputMonitor for MFU."""
-        return getattr(self, "_flops_per_batch", None)
+        if self.model is None:  # the sharding group's fields are the builder's keywords
+            self.model = build_transformer(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
+                                           **vars(self.sharding))
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
                 sharded_logits: bool = False) -> Tensor:
@@ -125,8 +106,8 @@ class SFTModule(L.LightningModule):
             positions, mask = batch["position_ids"], packed_attention_mask(batch["segment_ids"])  # (B, T), (B, 1, T, T)
         # (B, T, V); under tensor parallelism a DTensor of V/tp columns per rank, never gathered
         logits = self(x, positions=positions, mask=mask, sharded_logits=True)
-        if self.model is not None and getattr(self, "_flops_per_batch", None) is None:
-            self._flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        if self.model is not None and self.flops_per_batch is None:
+            self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
         return answer_loss(logits, y)
 
     # ------------------------------------------------------------------ steps
@@ -179,12 +160,7 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.model is not None
-        hp = self.hparams
-        return cosine_adamw(
-            self, self.model, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, decay_steps=hp.decay_steps,
-            optimizer=hp.optimizer, decay_norm_and_embeddings=hp.decay_norm_and_embeddings,
-        )
+        return cosine_adamw(self, [(self.model, self.optimizer_args.lr)], self.optimizer_args)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 
 def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
     """Every row the stage's ``CSVLogger`` wrote (``<stage>/csv/version_*/metrics.csv``, oldest run
     first, so a resumed stage's rows follow the interrupted run's), empty cells left out."""
-    import csv
-
     rows: list[dict[str, float]] = []
     def version(path: Path) -> int:  # version_10 after version_9
         number = path.parent.name.removeprefix("version_")

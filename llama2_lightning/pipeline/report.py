@@ -1,10 +1,9 @@
 """``report.md`` and its plots for a finished pipeline (``llama2_lightning.pipeline``).
 
 Every number and plot comes from what the stages logged (their ``CSVLogger`` files, read back with
-``pipeline.read_metrics``) except one evaluation made here: the baseline (SFT) and final policies
-answer the same held-out prompts with the same sampling seeds, and the prompts_from stage's reward
-function (the safety-gated pair of reward models) scores both: the paper's Figure 11 idea ("the
-same prompts, before and after RLHF, scored by both reward models") at small scale.
+``pipeline.read_metrics``) except one evaluation made here (``rlhf.rollout`` on each bare policy): the
+baseline (SFT) and final policies answer the same held-out prompts with the same sampling seeds, and
+the prompts_from stage's reward function scores both: the paper's Figure 11 idea at small scale.
 
 Plots need matplotlib (``pip install llama2-lightning[report]``); without it the report has the
 tables only and says so. With wandb on (``WANDB_MODE`` other than ``disabled``), the tables and
@@ -20,17 +19,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch.cli import instantiate_class
 
+from llama2_lightning.checkpoint import load_checkpoint
+from llama2_lightning.data.prompts import PromptDataModule
+from llama2_lightning.model import Transformer
 from llama2_lightning.pipeline.metrics import format_duration, last_value, read_metrics
 from llama2_lightning.pipeline.spec import MARKER, STAGE_CONFIG, Pipeline, stage_config
-
-if TYPE_CHECKING:
-    from llama2_lightning.data.prompts import PromptDataModule
-    from llama2_lightning.reward_functions import RewardFunction
+from llama2_lightning.reward_functions import RewardFunction
+from llama2_lightning.rlhf.experience import heldout_seed
+from llama2_lightning.rlhf.rollout import sample_rollout, score_rollout
 
 REPORT_DEFAULTS = {"baseline": None, "final": None, "prompts_from": None, "max_prompts": 128, "table_rows": 8,
                    "wandb": True}
@@ -51,8 +53,10 @@ def stage_kind(config: dict[str, Any]) -> str:
     """``pretrain | sft | reward | ppo | rejection_sampling | other`` from the module's class_path."""
     model = config.get("model") or {}
     cls = str(model.get("class_path", "")).rsplit(".", 1)[-1]
-    if cls == "RLHFModule":
-        return str((model.get("init_args") or {}).get("algorithm", "ppo"))
+    if cls == "RLHFModule":  # the experience callback decides the algorithm
+        callbacks = [str(c.get("class_path") if isinstance(c, dict) else c) for c in (config.get("trainer") or {})
+                     .get("callbacks") or []]
+        return "ppo" if any(c.endswith("PPOCallback") for c in callbacks) else "rejection_sampling"
     return {"PretrainModule": "pretrain", "SFTModule": "sft", "RewardModule": "reward"}.get(cls, "other")
 
 
@@ -91,30 +95,26 @@ def answer_heldout(checkpoint: str | Path, datamodule: PromptDataModule, reward:
                    max_new_tokens: int, temperature: float = 1.0, val_seed: int = 1234) -> list[HeldoutAnswer]:
     """Answer every held-out prompt of ``datamodule`` with the policy in ``checkpoint`` and score the
     answers, sampling exactly as ``RLHFModule``'s validation does (same seeds per batch)."""
-    from llama2_lightning.modules.rlhf import RLHFModule
-
-    module = RLHFModule(init_from=str(checkpoint), reward=reward, algorithm="rejection_sampling",
-                        max_new_tokens=max_new_tokens, temperature=temperature, val_seed=val_seed)
-    module.tokenizer = datamodule.tokenizer
-    module.configure_model()
-    module.eval()
+    config, state_dict = load_checkpoint(checkpoint)
+    policy, tokenizer = Transformer(config), datamodule.tokenizer
+    policy.load_state_dict(state_dict, strict=True)
+    policy.eval()
+    reward.setup(torch.device("cpu"), tokenizer)
     out: list[HeldoutAnswer] = []
-    with torch.no_grad():
-        for batch_idx, batch in enumerate(datamodule.val_dataloader()):
-            rollout = module.rollout(batch, seed=module.heldout_seed(batch_idx))
-            parts = module.score(rollout)
-            for i in range(len(rollout.answers)):
-                out.append(HeldoutAnswer(
-                    prompt=rollout.messages[i][-1]["content"], is_safety=bool(rollout.is_safety[i]),
-                    answer=rollout.answers[i], reward=float(parts["reward"][i]),
-                    parts={k: float(v[i]) for k, v in parts.items() if k != "reward"}))
+    for batch_idx, batch in enumerate(datamodule.val_dataloader()):
+        rollout = sample_rollout(policy, tokenizer, batch, heldout_seed(val_seed, batch_idx, rank=0),
+                                 max_new_tokens=max_new_tokens, temperature=temperature)
+        parts = score_rollout(reward, rollout)
+        for i in range(len(rollout.answers)):
+            out.append(HeldoutAnswer(
+                prompt=rollout.messages[i][-1]["content"], is_safety=bool(rollout.is_safety[i]),
+                answer=rollout.answers[i], reward=float(parts["reward"][i]),
+                parts={k: float(v[i]) for k, v in parts.items() if k != "reward"}))
     return out
 
 
 def compare_heldout(pipe: Pipeline, options: dict[str, Any]) -> dict[str, Any]:
     """Baseline vs final policy on the prompts_from stage's held-out prompts (module docstring)."""
-    from lightning.pytorch.cli import instantiate_class
-
     source = options["prompts_from"]
     config = merged_config(pipe, source)
     data = dict(config["data"])
@@ -160,7 +160,6 @@ def summarise(answers: Sequence[HeldoutAnswer]) -> dict[str, tuple[float, float]
 def _pyplot() -> Any | None:
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

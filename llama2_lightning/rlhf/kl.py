@@ -44,3 +44,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLKind = "k1") -> T
         log_r = -diff
         return torch.expm1(log_r) - log_r
     raise ValueError(f"kl_penalty: unknown kind {kind!r}; allowed: {', '.join(get_args(KLKind))}")
+
+
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: KLKind = "k1") -> Tensor:
+    """(B,) KL(pi_theta || pi_0) estimate of each answer: the per-token ``kind`` estimates (B, T) summed
+    over the answer positions ``mask`` (B, T) (with ``k1`` the unbiased sequence KL, section 3.2.3)."""
+    return torch.where(mask, kl_penalty(logprobs, ref_logprobs, kind), 0.0).sum(dim=1)

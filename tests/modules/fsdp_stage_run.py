@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.modules import PretrainModule, RewardModule, SFTModule
+from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
 
 GLOBAL_ROWS, T, VOCAB, STEPS = 4, 32, 2048, 8
 STRATEGY = dict(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True)
@@ -98,12 +99,9 @@ def main(stage: str, init: str, out: str, world: int, max_steps: int, resume: st
     L.seed_everything(0)
     cls = {"pretrain": PretrainModule, "sft": SFTModule, "reward": RewardModule}[stage]
     # a constant learning rate: the schedule must not depend on max_steps, which differs on resume
-    kwargs = dict(init_from=init, model="tiny", lr=1e-3, warmup_steps=0, min_lr_ratio=1.0,
-                  **{**STRATEGY, "param_dtype": param_dtype})
-    if stage == "reward":
-        kwargs.pop("warmup_steps")
-        kwargs.update(min_warmup_steps=0, warmup_ratio=0.0)
-    module = cls(**kwargs)
+    module = cls(init_from=init, model="tiny",
+                 optimizer=OptimizerArgs(lr=1e-3, warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=1.0),
+                 sharding=ShardingArgs(**{**STRATEGY, "param_dtype": param_dtype}))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(

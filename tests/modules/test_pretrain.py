@@ -36,7 +36,7 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
     module = cli.model
     preset = raw["model"]["init_args"]["model"]
     assert module.config == LlamaConfig.from_name(preset, **(raw["model"]["init_args"].get("model_overrides") or {}))
-    hp = module.hparams
+    hp = module.optimizer_args
     assert tuple(hp.betas) == (0.9, 0.95) and hp.eps == 1e-5 and hp.weight_decay == 0.1 and hp.min_lr_ratio == 0.1
     assert raw["trainer"]["gradient_clip_val"] == 1.0
     # ${trainer.default_root_dir} interpolation follows the command-line override
@@ -56,7 +56,7 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
             * t["accumulate_grad_batches"] * raw["data"]["init_args"]["max_seq_len"]
         assert raw["data"]["init_args"]["max_seq_len"] == 4096
         assert 3.9e6 < tokens < 4.3e6  # paper: ~4M tokens per batch
-        assert hp.param_dtype == "bfloat16" and hp.activation_checkpointing
+        assert module.sharding.param_dtype == "bfloat16" and module.sharding.activation_checkpointing
 
 
 def _tiny_overrides(tmp_path: Path, steps: int) -> list[str]:
@@ -65,7 +65,7 @@ def _tiny_overrides(tmp_path: Path, steps: int) -> list[str]:
         f"--data.init_args.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--trainer.max_steps={steps}", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'logs'}",
-        "--model.init_args.warmup_steps=2", "--trainer.enable_progress_bar=false",
+        "--model.init_args.optimizer.warmup_steps=2", "--trainer.enable_progress_bar=false",
     ]
 
 
@@ -118,7 +118,7 @@ def test_fsdp_two_processes_hold_half_and_match_single_process(tmp_path: Path) -
         "--model.init_args.model=tiny", f"--model.init_args.init_from={init}", "--data.init_args.max_seq_len=32",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'logs'}",
-        "--trainer.enable_progress_bar=false", "--model.init_args.warmup_steps=2",
+        "--trainer.enable_progress_bar=false", "--model.init_args.optimizer.warmup_steps=2",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -174,7 +174,7 @@ def test_fsdp_run_killed_after_a_sharded_checkpoint_resumes_exactly(tmp_path: Pa
              f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=2",
              "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
              "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / name}",
-             "--model.init_args.warmup_steps=2", f"--trainer.default_root_dir={tmp_path / name}",
+             "--model.init_args.optimizer.warmup_steps=2", f"--trainer.default_root_dir={tmp_path / name}",
              "--trainer.callbacks+=recorder.Recorder", f"--trainer.callbacks.out_dir={tmp_path / rec}", *extra],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

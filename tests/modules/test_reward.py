@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -23,7 +24,9 @@ from llama2_lightning.checkpoint import save_hf
 from llama2_lightning.cli import lightning_cli, main
 from llama2_lightning.data.preference import PreferenceDataModule, collate_preference_pairs
 from llama2_lightning.modules import RewardModule
+from llama2_lightning.modules.args import OptimizerArgs
 from llama2_lightning.modules.reward import HEAD_KEY, TRUNK_PREFIX, RankingMetrics
+from llama2_lightning.reward_models import load_reward_model, score
 from llama2_lightning.rlhf.ranking import ranking_loss
 from llama2_lightning.scalar_model import DroppedLMHead
 
@@ -76,11 +79,6 @@ def made_up_pairs(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny language model in Hugging Face format: the stand-in for the SFT checkpoint."""
     torch.manual_seed(0)
@@ -103,7 +101,7 @@ def rm_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_init: Path, pair_file
     writes it: one epoch (8 steps) on the made-up pairs from the random tiny model."""
     tmp = tmp_path_factory.mktemp("rm")
     lightning_cli(["fit", "--config", str(ROOT / "configs" / "reward" / "tiny-helpful.yaml"),
-                   f"--model.init_args.init_from={tiny_init}", "--model.init_args.lr=1e-3",
+                   f"--model.init_args.init_from={tiny_init}", "--model.init_args.optimizer.lr=1e-3",
                    f"--data.init_args.sources={json.dumps([{'path': str(pair_files['train'])}])}",
                    f"--data.init_args.tokenizer_path={TOKENIZER}", "--data.init_args.max_seq_len=64",
                    f"--trainer.default_root_dir={tmp}", *quiet(tmp)])
@@ -131,11 +129,11 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
     init = "--model.init_args.init_from=null" if big else f"--model.init_args.init_from={tiny_init}"
     cli = lightning_cli(["--config", str(path), *ON_ONE_CPU, f"--trainer.default_root_dir={tmp_path}", init],
                         run=False)
-    module, hp = cli.model, cli.model.hparams
+    module, hp, opt = cli.model, cli.model.hparams, cli.model.optimizer_args
     assert isinstance(module, RewardModule)
     # paper, section 3.2.2
-    assert hp.margin == "small" and tuple(hp.betas) == (0.9, 0.95) and hp.eps == 1e-5 and hp.weight_decay == 0.1
-    assert hp.min_lr_ratio == 0.1 and hp.warmup_ratio == 0.03 and hp.min_warmup_steps == 5
+    assert hp.margin == "small" and tuple(opt.betas) == (0.9, 0.95) and opt.eps == 1e-5 and opt.weight_decay == 0.1
+    assert opt.min_lr_ratio == 0.1 and opt.warmup_ratio == 0.03 and opt.warmup_steps == 5
     assert raw["trainer"]["max_epochs"] == 1
     ckpt = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
     assert ckpt and Path(ckpt[0].dirpath) == tmp_path / "checkpoints"
@@ -147,14 +145,14 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         # the LM head (vocab x dim) is dropped, the scalar head (1 x dim) added
         expected = PAPER_COUNTS[args["model"]] - config.vocab_size * config.dim + config.dim
         assert module.model.num_parameters() == expected
-        assert hp.lr == (5e-6 if args["model"] == "llama2-70b" else 1e-5)
+        assert opt.lr == (5e-6 if args["model"] == "llama2-70b" else 1e-5)
         t, d = raw["trainer"], raw["data"]["init_args"]
         mesh = t["strategy"]["init_args"]
         # the ranks of a tensor-parallel group read the same pairs: data-parallel replicas count
         assert mesh["data_parallel_size"] * d["batch_size"] * t["accumulate_grad_batches"] == 512  # pairs
         assert mesh["data_parallel_size"] * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
         assert mesh["tensor_parallel_size"] == (8 if args["model"] == "llama2-70b" else 1)
-        assert d["max_seq_len"] == 4096 and hp.param_dtype == "bfloat16"
+        assert d["max_seq_len"] == 4096 and module.sharding.param_dtype == "bfloat16"
         assert t["strategy"]["class_path"].endswith("ModelParallelStrategy")
     else:
         assert args["init_from"] == "runs/sft-tiny/checkpoints/last.ckpt"  # the SFT stage's output
@@ -234,7 +232,7 @@ def test_bad_margin_names_the_allowed_values() -> None:
 
 def test_warmup_is_three_percent_of_steps_and_at_least_five() -> None:
     module = RewardModule(model="tiny")
-    assert [module.warmup_steps(n) for n in (10, 100, 167, 1000)] == [5, 5, 6, 30]
+    assert [module.optimizer_args.warmup_for(n) for n in (10, 100, 167, 1000)] == [5, 5, 6, 30]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -402,10 +400,20 @@ def test_validate_reports_accuracy_on_extra_preference_files(rm_ckpt: Path, tmp_
     assert "val/accuracy_by_source/made_up" in metrics and "val/accuracy" in metrics
 
 
+
+def _score_gaps(pairs_file: Path, pairs: Any, checkpoint: Path, tok: Tokenizer) -> tuple[list[dict], torch.Tensor]:
+    """The held-out records of ``pairs`` and each one's ``r_chosen - r_rejected``, scored apart from the
+    module by ``reward_models.score`` on the checkpoint."""
+    records = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    held_out = [records[p.line - 1] for p in pairs]
+    model, _ = load_reward_model(checkpoint)
+    prompts = [r["prompt"] for r in held_out]
+    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
+        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    return held_out, gap
+
 def test_per_label_validation_accuracy_matches_independent_scores(rm_ckpt: Path, pair_files: dict[str, Path],
                                                                    tok: Tokenizer) -> None:
-    from llama2_lightning.reward_models import load_reward_model, score
-
     module = RewardModule(model=None, init_from=str(rm_ckpt))
     dm = PreferenceDataModule([{"path": str(pair_files["eval"]), "name": "eval"}], tokenizer_path=str(TOKENIZER),
                               max_seq_len=64, batch_size=5, val_fraction=0.5)
@@ -413,12 +421,7 @@ def test_per_label_validation_accuracy_matches_independent_scores(rm_ckpt: Path,
                         enable_model_summary=False)
     [logged] = trainer.validate(module, datamodule=dm)
 
-    records = [json.loads(line) for line in pair_files["eval"].read_text().splitlines()]
-    held_out = [records[p.line - 1] for p in dm.val_dataset.pairs]
-    model, _ = load_reward_model(rm_ckpt)
-    prompts = [r["prompt"] for r in held_out]
-    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
-        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    held_out, gap = _score_gaps(pair_files["eval"], dm.val_dataset.pairs, rm_ckpt, tok)
     assert logged["val/accuracy"] == pytest.approx(float((gap > 0).float().mean()))
     assert logged["val/score_gap"] == pytest.approx(float(gap.mean()), abs=1e-5)
     for label in {r["margin_label"] for r in held_out}:
@@ -434,7 +437,8 @@ def test_per_label_validation_accuracy_matches_independent_scores(rm_ckpt: Path,
 def test_training_learns_a_preference_pattern(tmp_path: Path, tiny_init: Path) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", made_up_pairs(320, seed=7))
     L.seed_everything(0)
-    module = RewardModule(model=None, init_from=str(tiny_init), lr=3e-3)
+    module = RewardModule(model=None, init_from=str(tiny_init), optimizer=OptimizerArgs(lr=3e-3, warmup_steps=5,
+                                                                                         warmup_ratio=0.03))
     dm = PreferenceDataModule([{"path": str(data)}], tokenizer_path=str(TOKENIZER), max_seq_len=64, batch_size=16,
                               val_fraction=0.2)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -476,13 +480,11 @@ def test_fsdp_two_processes_shard_the_trunk_and_the_head(tmp_path: Path, tiny_in
     import subprocess
     import sys
 
-    from llama2_lightning.reward_models import load_reward_model, score
-
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(ROOT / "configs/reward/tiny-helpful.yaml"),
-         f"--model.init_args.init_from={tiny_init}", "--model.init_args.lr=1e-3",
+         f"--model.init_args.init_from={tiny_init}", "--model.init_args.optimizer.lr=1e-3",
          f"--data.init_args.sources={json.dumps([{'path': str(pair_files['train'])}])}",
          f"--data.init_args.tokenizer_path={TOKENIZER}", "--data.init_args.max_seq_len=64",
          "--data.init_args.batch_size=4", "--data.init_args.val_fraction=0.1", "--trainer.devices=2",
@@ -502,12 +504,7 @@ def test_fsdp_two_processes_shard_the_trunk_and_the_head(tmp_path: Path, tiny_in
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
     dm = PreferenceDataModule([{"path": str(pair_files["train"])}], tokenizer_path=str(TOKENIZER), max_seq_len=64,
                               val_fraction=0.1)  # the run's held-out split
-    records = [json.loads(line) for line in pair_files["train"].read_text().splitlines()]
-    held_out = [records[p.line - 1] for p in dm.heldout_dataset.pairs]
-    model, _ = load_reward_model(ckpt)
-    prompts = [r["prompt"] for r in held_out]
-    gap = score(model, tok, prompts, [r["chosen"] for r in held_out])[0] - \
-        score(model, tok, prompts, [r["rejected"] for r in held_out])[0]
+    held_out, gap = _score_gaps(pair_files["train"], dm.heldout_dataset.pairs, ckpt, tok)
     assert len(held_out) % 2 == 0  # no sample duplicated by the distributed sampler's padding
     assert ranks[0]["metrics"]["val/accuracy"] == pytest.approx(float((gap > 0).float().mean()))
     assert ranks[0]["metrics"]["val/score_gap"] == pytest.approx(float(gap.mean()), abs=1e-4)

@@ -23,9 +23,12 @@ from llama2_lightning.checkpoint import load_checkpoint
 from llama2_lightning.cli import lightning_cli
 from llama2_lightning.data.prompts import PromptDataModule
 from llama2_lightning.generation import generate
-from llama2_lightning.modules.rlhf import IGNORE_INDEX, RLHFModule, SFTExperience
+from llama2_lightning.losses import IGNORE_INDEX
+from llama2_lightning.modules.args import OptimizerArgs
+from llama2_lightning.modules.rlhf import RLHFModule
 from llama2_lightning.reward_functions import LengthRuleReward, Llama2DualReward, RewardModelReward, TokenRuleReward
 from llama2_lightning.reward_models import score_ids
+from llama2_lightning.rlhf.experience import ExperienceCallback, SFTExperience
 from llama2_lightning.rlhf.kl import kl_penalty
 from llama2_lightning.rlhf.reward_shaping import llama2_reward, logit, whiten_rewards
 from llama2_lightning.scalar_model import ScalarModel
@@ -47,22 +50,6 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ``tiny`` policy saved the way the SFT stage's checkpoints store it."""
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("sft") / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "llama_config": model.config.to_dict()}, path)
-    return path
 
 
 def _write_rm(path: Path, seed: int) -> Path:
@@ -196,6 +183,7 @@ def test_reward_models_frozen_in_bf16_and_int8(rm_ckpts: dict[str, Path], tok: T
 
 def _ready_module(tiny_ckpt: Path, tok: Tokenizer, **kwargs: Any) -> RLHFModule:
     module = rlhf_module(tiny_ckpt, **kwargs)
+    module.experience_callback = PPOCallback()  # what setup finds in a Trainer: PPO builds a value model
     module.configure_model()
     module.tokenizer = tok
     return module
@@ -241,9 +229,9 @@ def test_compiled_rollouts_sample_what_eager_rollouts_sample(tiny_ckpt: Path, to
         assert got.answer_ids == want.answer_ids and torch.equal(got.tokens, want.tokens)
     assert "_compiled_decode" in compiled.model.__dict__ and "_compiled_decode" not in eager.model.__dict__
     # A sharded policy is gathered into new storage for every rollout: refused, with the reason.
-    import llama2_lightning.modules.rlhf as rlhf_module_file
+    import llama2_lightning.rlhf.rollout as rollout_file
 
-    monkeypatch.setattr(rlhf_module_file, "is_sharded", lambda model: True)
+    monkeypatch.setattr(rollout_file, "is_sharded", lambda model: True)
     with pytest.raises(ValueError, match="compile_rollouts=True. needs an unsharded policy"):
         compiled.rollout(batch, seed=13)
     eager.rollout(batch, seed=13)  # the same check leaves uncompiled rollouts alone
@@ -272,8 +260,7 @@ def test_ppo_experience_sums_to_the_papers_reward(tiny_ckpt: Path, tok: Tokenize
             p.add_(0.05 * torch.randn_like(p))
     beta = 0.3
     callback = PPOCallback(kl_coef=beta, seed=5)
-    callback.on_train_batch_start(SimpleNamespace(global_rank=0), module, batch, 0)
-    exp = module.experience
+    exp = callback.make_experience(SimpleNamespace(global_rank=0), module, batch)
     rollout = module.rollout(batch, seed=exp.seed)
     raw = module.score(rollout)["reward"]
     ev = module.evaluate_rollout(rollout)
@@ -287,8 +274,7 @@ def test_ppo_experience_sums_to_the_papers_reward(tiny_ckpt: Path, tok: Tokenize
 
 
 def test_sft_experience_trains_on_answer_tokens_only() -> None:
-    exp = SFTExperience.from_pairs([[1, 10, 11], [1, 12]], [[20, 21, 2], [22, 2]], pad_id=0,
-                                   batch_index=torch.tensor([0, 1]), seed=0)
+    exp = SFTExperience.from_pairs([[1, 10, 11], [1, 12]], [[20, 21, 2], [22, 2]], pad_id=0, seed=0)
     assert exp.input_ids.tolist() == [[1, 10, 11, 20, 21], [1, 12, 22, 0, 0]]
     I = IGNORE_INDEX  # noqa: E741
     assert exp.labels.tolist() == [[I, I, 20, 21, 2], [I, 22, 2, I, I]]
@@ -316,7 +302,7 @@ def _fit(tmp_path: Path, tiny_ckpt: Path, prompts_file: Path, callback: L.Callba
 
 def test_ppo_raises_the_rule_reward_and_beta_holds_the_kl(tmp_path: Path, tiny_ckpt: Path,
                                                           prompts_file: Path) -> None:
-    ppo = dict(algorithm="ppo", lr=1e-2, minibatch_size=8, ppo_epochs=2)
+    ppo = dict(optimizer=OptimizerArgs(lr=1e-2), minibatch_size=8, ppo_epochs=2)
     start, small = _fit(tmp_path / "small", tiny_ckpt, prompts_file, PPOCallback(kl_coef=0.01, seed=0), 24, **ppo)
     _, large = _fit(tmp_path / "large", tiny_ckpt, prompts_file, PPOCallback(kl_coef=10.0, seed=0), 24, **ppo)
     print(f"held-out reward {start['val/reward']:.3f} -> {small['val/reward']:.3f} "
@@ -332,7 +318,7 @@ def test_ppo_raises_the_rule_reward_and_beta_holds_the_kl(tmp_path: Path, tiny_c
 
 def test_rejection_sampling_raises_the_rule_reward(tmp_path: Path, tiny_ckpt: Path, prompts_file: Path) -> None:
     callback = RejectionSamplingCallback(num_samples=8, seed=0)
-    start, end = _fit(tmp_path, tiny_ckpt, prompts_file, callback, 10, algorithm="rejection_sampling", lr=3e-3,
+    start, end = _fit(tmp_path, tiny_ckpt, prompts_file, callback, 10, optimizer=OptimizerArgs(lr=3e-3),
                       minibatch_size=8, sft_epochs=2)
     print(f"held-out reward {start['val/reward']:.3f} -> {end['val/reward']:.3f}, pool {end['train/reward_pool']:.3f}")
     assert end["val/reward"] > start["val/reward"] + 0.3
@@ -357,7 +343,7 @@ def test_a_later_round_run_continues_the_pool_and_draws_new_prompts(tmp_path: Pa
         dm = PromptDataModule(sources=[{"path": str(prompts_file), "format": "prompts"}],
                               tokenizer_path=str(TOKENIZER), max_prompt_len=32, batch_size=8, val_fraction=0.25,
                               seed=0, start_iteration=start)
-        module = rlhf_module(init_from, algorithm="rejection_sampling", lr=1e-3, minibatch_size=8)
+        module = rlhf_module(init_from, optimizer=OptimizerArgs(lr=1e-3), minibatch_size=8)
         trainer = L.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, callbacks=[callback, seen], logger=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0, default_root_dir=root)
@@ -388,7 +374,6 @@ class _StubPolicy:
     def __init__(self, rewards: list[list[float]]) -> None:
         self.rewards = torch.tensor(rewards)  # (B, K) for the next round
         self.tokenizer = SimpleNamespace(pad_id=0)
-        self.experience = None
 
     def rollout(self, batch: dict, seed: int, temperature: float, num_samples: int) -> Any:
         B = len(batch["prompt_ids"])
@@ -399,9 +384,6 @@ class _StubPolicy:
 
     def score(self, rollout: Any) -> dict[str, torch.Tensor]:
         return {"reward": self.rewards.flatten()}
-
-    def set_experience(self, exp: Any) -> None:
-        self.experience = exp
 
 
 def test_rejection_sampling_pool_keeps_each_prompts_best_over_rounds() -> None:
@@ -414,13 +396,12 @@ def test_rejection_sampling_pool_keeps_each_prompts_best_over_rounds() -> None:
     temps = []
     for r in rounds:
         stub = _StubPolicy(r)
-        cb.on_train_batch_start(trainer, stub, batch, 0)
+        exp = cb.make_experience(trainer, stub, batch)
         temps.append(stub.temperature)
         cb.on_train_batch_end(trainer, stub, None, batch, 0)
     assert temps == pytest.approx([1.0, 1.1, 1.15])  # rising, capped
     assert {i: (round(e["reward"], 6), e["round"]) for i, e in cb.pool.items()} == {0: (0.6, 2), 1: (0.9, 1)}
     # what the module trains on: every prompt's best answer so far, answer-only labels
-    exp = stub.experience
     assert exp.labels.tolist() == [[IGNORE_INDEX, 106, 2], [IGNORE_INDEX, 109, 2]]
     # the pool survives a checkpoint round trip as plain data
     state = cb.state_dict()
@@ -431,16 +412,18 @@ def test_rejection_sampling_pool_keeps_each_prompts_best_over_rounds() -> None:
     # a pool from another prompt set is refused rather than mixed in
     other = dict(batch, prompt_ids=[[1, 7], [1, 8]])
     with pytest.raises(ValueError, match="different prompt set"):
-        fresh.on_train_batch_start(trainer, _StubPolicy(rounds[0]), other, 0)
+        fresh.make_experience(trainer, _StubPolicy(rounds[0]), other)
 
 
-def test_training_without_an_experience_callback_is_refused(tmp_path: Path, tiny_ckpt: Path,
-                                                            prompts_file: Path) -> None:
+@pytest.mark.parametrize("callbacks", [[], [PPOCallback(), RejectionSamplingCallback()]], ids=["none", "two"])
+def test_training_without_an_experience_callback_is_refused(tmp_path: Path, tiny_ckpt: Path, prompts_file: Path,
+                                                            callbacks: list[L.Callback]) -> None:
+    # The callback present decides the algorithm: none, or two that disagree, is refused by name.
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[RejectionSamplingCallback()])
-    with pytest.raises(ValueError, match="needs exactly one PPOCallback"):
-        trainer.fit(rlhf_module(tiny_ckpt, algorithm="ppo"), prompt_data(prompts_file))
+                        callbacks=callbacks)
+    with pytest.raises(ValueError, match="needs exactly one PPOCallback or RejectionSamplingCallback"):
+        trainer.fit(rlhf_module(tiny_ckpt), prompt_data(prompts_file))
 
 
 # ------------------------------------------------------------------------------------ resume & configs
@@ -473,7 +456,7 @@ def test_killed_ppo_run_resumes_exactly(tmp_path: Path, tiny_ckpt: Path, prompts
                        f"--data.init_args.sources=[{{path: {prompts_file}, format: prompts}}]",
                        f"--data.init_args.tokenizer_path={TOKENIZER}", "--data.init_args.max_prompt_len=32",
                        "--data.init_args.val_fraction=0.25", f"--model.init_args.max_new_tokens={NEW_TOKENS}",
-                       "--model.init_args.lr=1e-2", "--trainer.callbacks+=recorder.Recorder",
+                       "--model.init_args.optimizer.lr=1e-2", "--trainer.callbacks+=recorder.Recorder",
                        f"--trainer.callbacks.out_dir={root / 'rec'}", *extra])
 
     losses = lambda root: json.loads((root / "rec" / "rank0.json").read_text())["losses"]  # noqa: E731
@@ -520,19 +503,23 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path, rm_ckp
     extra = ["--model.init_args.init_from=null"] if big else _tiny_overrides(tiny_ckpt, rm_ckpts, raw)
     cli = lightning_cli(["--config", str(path), *ON_ONE_CPU, f"--trainer.default_root_dir={tmp_path}", *extra],
                         run=False)
-    module, hp = cli.model, cli.model.hparams
+    module, hp, opt = cli.model, cli.model.hparams, cli.model.optimizer_args
     assert isinstance(module, RLHFModule) and isinstance(cli.datamodule, PromptDataModule)
-    assert tuple(hp.betas) == (0.9, 0.95) and hp.eps == 1e-5 and hp.weight_decay == 0.1 and hp.grad_clip == 1.0
+    assert tuple(opt.betas) == (0.9, 0.95) and opt.eps == 1e-5 and opt.weight_decay == 0.1 and hp.grad_clip == 1.0
     callbacks = {type(c).__name__: c for c in cli.trainer.callbacks}
-    expected_cb = PPOCallback if hp.algorithm == "ppo" else RejectionSamplingCallback
+    # the one experience callback decides the algorithm, and it is the one the file is named after
+    module.experience_callback = ExperienceCallback.find(cli.trainer.callbacks)
+    algorithm = "ppo" if isinstance(module.experience_callback, PPOCallback) else "rejection_sampling"
+    assert algorithm == ("ppo" if "ppo" in path.stem else "rejection_sampling")
+    expected_cb = PPOCallback if algorithm == "ppo" else RejectionSamplingCallback
     assert isinstance(callbacks[expected_cb.__name__], expected_cb)
     assert type(module.reward).__name__ == args["reward"]["class_path"].rsplit(".", 1)[1]
     ckpt = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
     assert ckpt and all(Path(c.dirpath) == tmp_path / "checkpoints" for c in ckpt)
-    if hp.algorithm == "ppo":
+    if algorithm == "ppo":
         assert hp.clip_eps == 0.2  # paper
         assert "EarlyStopping" in callbacks and callbacks["EarlyStopping"].monitor == "val/reward"
-    if big and hp.algorithm == "rejection_sampling":
+    if big and algorithm == "rejection_sampling":
         rs = callbacks["RejectionSamplingCallback"]
         assert rs.num_samples >= 10 and rs.train_on == "pool"  # paper: 10-100 samples, best of all rounds
         assert rs.temperature_for(0) == 1.0 and rs.temperature_for(10) == pytest.approx(1.3)  # paper, Figure 8
@@ -545,9 +532,9 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path, rm_ckp
         replicas = mesh["data_parallel_size"]
         assert replicas * mesh["tensor_parallel_size"] == t["num_nodes"] * t["devices"]
         assert mesh["tensor_parallel_size"] == (8 if preset == "llama2-70b" else 1)
-        assert hp.lr == 1e-6 and hp.frozen_dtype == "bfloat16"
+        assert opt.lr == 1e-6 and hp.frozen_dtype == "bfloat16"
         assert hp.minibatch_size * replicas == 64  # paper: minibatch 64
-    if big and hp.algorithm == "ppo":
+    if big and algorithm == "ppo":
         ppo = callbacks["PPOCallback"]
         assert ppo.kl_controller.beta == (0.005 if preset == "llama2-70b" else 0.01)  # paper
         assert hp.ppo_epochs == 1  # paper: one gradient step per minibatch
@@ -559,7 +546,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path, rm_ckp
         assert module.model.num_parameters() == PAPER_COUNTS[preset]
         assert all(not p.requires_grad for p in module.ref_model.parameters())
         assert next(module.ref_model.parameters()).dtype == torch.bfloat16
-        if hp.algorithm == "ppo":
+        if algorithm == "ppo":
             assert module.value_model.trunk.config == module.config
         else:
             assert module.value_model is None

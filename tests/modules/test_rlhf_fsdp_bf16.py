@@ -37,8 +37,8 @@ def test_ppo_bf16_two_processes_checkpoint_and_resume(tmp_path: Path) -> None:
              "--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
              "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
              # the strategy block of configs/rlhf/llama2-*-ppo.yaml
-             "--model.init_args.param_dtype=bfloat16", "--model.init_args.reduce_dtype=float32",
-             "--model.init_args.activation_checkpointing=true",
+             "--model.init_args.sharding.param_dtype=bfloat16", "--model.init_args.sharding.reduce_dtype=float32",
+             "--model.init_args.sharding.activation_checkpointing=true",
              f"--trainer.max_epochs={epochs}", "--trainer.check_val_every_n_epoch=2",
              f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
              f"--trainer.logger.save_dir={tmp_path / 'logs'}",

@@ -14,28 +14,18 @@ import yaml
 
 from paths import ROOT, SELF_INSTRUCT, TOKENIZER
 
-from llama2_lightning import LlamaConfig, Transformer
+from llama2_lightning import LlamaConfig
 from llama2_lightning.callbacks.chat_samples import ChatSamples
 from llama2_lightning.checkpoint import load_model
 from llama2_lightning.cli import lightning_cli
 from llama2_lightning.data.sft import IGNORE_INDEX, SFTCollator, SFTDataModule, packed_attention_mask
 from llama2_lightning.losses import answer_loss
 from llama2_lightning.modules import SFTModule
+from llama2_lightning.modules.args import OptimizerArgs
 
 CONFIGS = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 PAPER_COUNTS = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192}
 ON_ONE_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ``tiny`` model saved the way PretrainModule's checkpoints store it."""
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("base") / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "llama_config": model.config.to_dict()}, path)
-    return path
 
 
 def _sft_module(init_from: Path, **kwargs: object) -> SFTModule:
@@ -68,9 +58,9 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path) -> Non
     init = str(tiny_ckpt) if preset is None else "null"
     cli = lightning_cli(["--config", str(path), *ON_ONE_CPU, f"--trainer.default_root_dir={tmp_path}",
                          f"--model.init_args.init_from={init}"], run=False)
-    module, hp = cli.model, cli.model.hparams
+    module, opt = cli.model, cli.model.optimizer_args
     assert isinstance(module, SFTModule) and isinstance(cli.datamodule, SFTDataModule)
-    assert tuple(hp.betas) == (0.9, 0.95) and hp.eps == 1e-5 and hp.weight_decay == 0.1 and hp.min_lr_ratio == 0.1
+    assert tuple(opt.betas) == (0.9, 0.95) and opt.eps == 1e-5 and opt.weight_decay == 0.1 and opt.min_lr_ratio == 0.1
     assert raw["trainer"]["max_epochs"] == 2  # paper: 2 epochs
     ckpt = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
     assert ckpt and Path(ckpt[0].dirpath) == tmp_path / "checkpoints"
@@ -84,7 +74,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path) -> Non
     with torch.device("meta"):
         module.configure_model()
     assert module.model.num_parameters() == PAPER_COUNTS[preset]
-    assert hp.lr == 2e-5 and hp.param_dtype == "bfloat16" and hp.activation_checkpointing
+    assert opt.lr == 2e-5 and module.sharding.param_dtype == "bfloat16" and module.sharding.activation_checkpointing
     t, d = raw["trainer"], raw["data"]["init_args"]
     mesh = t["strategy"]["init_args"]
     # the ranks of a tensor-parallel group read the same rows: data-parallel replicas count
@@ -223,7 +213,7 @@ def test_training_lowers_held_out_answer_loss(tmp_path: Path, tiny_ckpt: Path) -
     L.seed_everything(0)
     dm = SFTDataModule(sources=[{"path": str(SELF_INSTRUCT), "format": "self_instruct", "limit": 60}],
                        tokenizer_path=str(TOKENIZER), max_seq_len=128, batch_size=8, val_fraction=0.2, seed=1)
-    module = SFTModule(init_from=str(tiny_ckpt), lr=5e-3, warmup_steps=2)
+    module = SFTModule(init_from=str(tiny_ckpt), optimizer=OptimizerArgs(lr=5e-3, warmup_steps=2))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=15, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=tmp_path)

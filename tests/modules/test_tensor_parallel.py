@@ -53,7 +53,7 @@ def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_tp_pretraining_matches_one_process(tmp_path: Path, tiny_init: Path) -> None:
     common = [f"--model.init_args.init_from={tiny_init}", "--data.init_args.max_seq_len=32",
               f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=3",
-              "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=2",
+              "--trainer.limit_val_batches=0", "--model.init_args.optimizer.warmup_steps=2",
               "--trainer.callbacks+=recorder.Recorder"]
     config = ROOT / "configs/pretrain/tiny-tp.yaml"
     _fit(config, [*common, "--data.init_args.batch_size=2", f"--trainer.callbacks.out_dir={tmp_path / 'rec_tp'}"],
@@ -115,7 +115,7 @@ def test_reward_model_step_on_the_2x2_mesh_matches_one_process(tmp_path: Path, t
     for path, verb in ((pairs, "Tell me of"), (held_out, "Sing of")):
         path.write_text("".join(json.dumps({"prompt": f"{verb} {n}.", "chosen": f"{n} is kind, thank you.",
                                             "rejected": f"go away, {n}."}) + "\n" for n in names))
-    common = [f"--model.init_args.init_from={tiny_init}", "--model.init_args.lr=1e-3",
+    common = [f"--model.init_args.init_from={tiny_init}", "--model.init_args.optimizer.lr=1e-3",
               f"--data.init_args.sources=[{{path: {pairs}}}]", f"--data.init_args.tokenizer_path={TOKENIZER}",
               "--data.init_args.max_seq_len=64", "--data.init_args.val_fraction=0.0",
               f"--data.init_args.val_sources=[{{path: {held_out}}}]", "--trainer.max_steps=2", "--trainer.max_epochs=2",
@@ -147,7 +147,7 @@ def test_tensor_parallel_run_killed_after_a_sharded_checkpoint_resumes_exactly(t
     common = [f"--model.init_args.init_from={tiny_init}", "--data.init_args.max_seq_len=32",
               f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=2",
               "--trainer.devices=2", "--trainer.strategy.data_parallel_size=1", "--trainer.max_steps=4",
-              "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=2",
+              "--trainer.limit_val_batches=0", "--model.init_args.optimizer.warmup_steps=2",
               "--trainer.callbacks+=recorder.Recorder"]
     _fit(config, [*common, f"--trainer.callbacks.out_dir={tmp_path / 'a_rec'}"], tmp_path / "a")
     with pytest.raises(AssertionError, match="interrupted at step 2"):
