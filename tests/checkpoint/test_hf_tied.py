@@ -1,7 +1,6 @@
-import json, torch, pytest
+import torch, pytest
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 from llama2_lightning.checkpoint import load_hf, load_model, save_hf
-from llama2_lightning.config import LlamaConfig
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
