@@ -11,7 +11,13 @@ from llama2_lightning.checkpoint.gguf import load_gguf, read_gguf, save_gguf
 from llama2_lightning.checkpoint.hf import load_hf, save_hf, save_hf_sequence_classification
 from llama2_lightning.checkpoint.lightning import load_lightning, save_lightning
 from llama2_lightning.checkpoint.load import (
-    EXPORT_FORMATS, FORMATS, detect_format, load_checkpoint, load_model, read_config, save_checkpoint,
+    EXPORT_FORMATS,
+    FORMATS,
+    detect_format,
+    load_checkpoint,
+    load_model,
+    read_config,
+    save_checkpoint,
 )
 from llama2_lightning.checkpoint.meta import load_meta, save_meta
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes
+from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes, rename_key
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.model import llama3_scaled_frequencies
 from llama2_lightning.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
@@ -48,20 +48,14 @@ _GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(.+)\.weight")
 
 def gguf_to_ours_key(name: str) -> str:
     """Our name for a GGUF tensor; an unknown name comes back unchanged so the shape check reports it."""
-    if name in _GGUF_TOP_LEVEL:
-        return _GGUF_TOP_LEVEL[name]
-    match = _GGUF_LAYER_KEY.fullmatch(name)
-    if match and match.group(2) in _GGUF_LAYER:
-        return f"layers.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.weight"
-    return name
+    ours = rename_key(name, _GGUF_TOP_LEVEL, _GGUF_LAYER_KEY, _GGUF_LAYER, "layers.{}.{}.weight")
+    return name if ours is None else ours
 
 
 def ours_to_gguf_key(name: str) -> str:
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    match = _OUR_LAYER_KEY.fullmatch(name)
-    if match and match.group(2) in _LAYER:
-        return f"blk.{match.group(1)}.{_LAYER[match.group(2)]}.weight"
+    gguf_name = rename_key(name, _TOP_LEVEL, _OUR_LAYER_KEY, _LAYER, "blk.{}.{}.weight")
+    if gguf_name is not None:
+        return gguf_name
     raise KeyError(f"no GGUF name for parameter {name!r}")
 
 

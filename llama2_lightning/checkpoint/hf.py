@@ -21,7 +21,7 @@ from torch import Tensor
 
 from llama2_lightning.checkpoint.safe_load import safe_torch_load
 from llama2_lightning.checkpoint.state_dict import (
-    StateDict, check_state_dict, expected_shapes, fmt_shape, require_tensor_dict,
+    StateDict, check_state_dict, expected_shapes, fmt_shape, rename_key, require_tensor_dict,
 )
 from llama2_lightning.config import LlamaConfig
 
@@ -50,28 +50,23 @@ _HF_LAYER = {
 }
 _OURS_TOP_LEVEL = {ours: hf for hf, ours in _HF_TOP_LEVEL.items()}
 _OURS_LAYER = {ours: hf for hf, ours in _HF_LAYER.items()}
-_LAYER_KEY = re.compile(r"(model\.)?layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_OURS_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 
 
 
 def hf_to_ours_key(name: str) -> str:
     """Our name for a Hugging Face key; an unknown key is returned unchanged so the shape check
     reports it as unexpected under the name the user will find in their files."""
-    if name in _HF_TOP_LEVEL:
-        return _HF_TOP_LEVEL[name]
-    match = _LAYER_KEY.fullmatch(name)
-    if match and match.group(1) and match.group(3) in _HF_LAYER:
-        return f"layers.{match.group(2)}.{_HF_LAYER[match.group(3)]}.weight"
-    return name
+    ours = rename_key(name, _HF_TOP_LEVEL, _HF_LAYER_KEY, _HF_LAYER, "layers.{}.{}.weight")
+    return name if ours is None else ours
 
 
 def ours_to_hf_key(name: str) -> str:
-    if name in _OURS_TOP_LEVEL:
-        return _OURS_TOP_LEVEL[name]
-    match = _LAYER_KEY.fullmatch(name)
-    if match and not match.group(1) and match.group(3) in _OURS_LAYER:
-        return f"model.layers.{match.group(2)}.{_OURS_LAYER[match.group(3)]}.weight"
-    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    hf = rename_key(name, _OURS_TOP_LEVEL, _OURS_LAYER_KEY, _OURS_LAYER, "model.layers.{}.{}.weight")
+    if hf is None:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return hf
 
 
 def rotary_meta_to_hf(weight: Tensor, n_heads: int) -> Tensor:

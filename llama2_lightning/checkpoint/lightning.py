@@ -10,7 +10,11 @@ import torch
 from torch import Tensor
 
 from llama2_lightning.checkpoint.safe_load import (
-    METADATA_FILE, load_dcp_tensors, read_dcp_metadata, require_mapping, safe_torch_load,
+    METADATA_FILE,
+    load_dcp_tensors,
+    read_dcp_metadata,
+    require_mapping,
+    safe_torch_load,
 )
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes, require_tensor_dict
 from llama2_lightning.config import LlamaConfig

@@ -20,7 +20,11 @@ from torch import Tensor
 
 from llama2_lightning.checkpoint.safe_load import safe_torch_load
 from llama2_lightning.checkpoint.state_dict import (
-    StateDict, check_state_dict, expected_shapes, fmt_shape, require_tensor_dict,
+    StateDict,
+    check_state_dict,
+    expected_shapes,
+    fmt_shape,
+    require_tensor_dict,
 )
 from llama2_lightning.config import LlamaConfig
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -64,3 +65,16 @@ def require_tensor_dict(obj: object, path: Path, what: str) -> StateDict:
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected {what} to be a mapping of names to tensors, got {type(obj).__name__}")
     return dict(obj)
+
+
+def rename_key(name: str, top_level: Mapping[str, str], layer_key: re.Pattern[str], layers: Mapping[str, str],
+               template: str) -> str | None:
+    """``name`` in another format's naming: through ``top_level``, or, for a per-layer name that ``layer_key``
+    matches (its last two groups: the layer index and the sub-layer), through ``layers`` into
+    ``template.format(index, sub_layer)``; None when neither table knows it."""
+    if name in top_level:
+        return top_level[name]
+    match = layer_key.fullmatch(name)
+    if match and match.group(match.re.groups) in layers:
+        return template.format(match.group(match.re.groups - 1), layers[match.group(match.re.groups)])
+    return None

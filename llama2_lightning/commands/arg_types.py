@@ -5,38 +5,36 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+
+
+def _checked(text: str, parse: Callable[[str], float], expected: str, ok: Callable[[float], bool],
+             why: str) -> float:
+    """``parse(text)`` if it gives a value ``ok`` accepts; else argparse's usage error: "expected
+    <expected>" for text that is not a number at all, "must be <why>" for a number out of range."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {why}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return int(_checked(text, int, "a whole number >= 1", lambda v: v >= 1, ">= 1"))
 
 
 def temperature(text: str) -> float:
     """A finite number >= 0 (0 samples greedily)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 samples greedily), got {text}")
-    return value
+    return _checked(text, float, "a number >= 0", lambda v: math.isfinite(v) and v >= 0,
+                    "a finite number >= 0 (0 samples greedily)")
 
 
 def probability_mass(text: str) -> float:
     """A nucleus (top-p) mass in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:  # NaN fails both comparisons
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 keeps every token), got {text}")
-    return value
+    return _checked(text, float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0,  # NaN fails both comparisons
+                    "in (0, 1] (1 keeps every token)")
 
 
 __all__ = ["positive_int", "temperature", "probability_mass"]

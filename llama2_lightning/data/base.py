@@ -58,6 +58,20 @@ class TokenizedDataModule(L.LightningDataModule):
         return int(kwargs["num_replicas"]), int(kwargs["rank"])
 
 
+
+class SourcedDataModule(TokenizedDataModule):
+    """A data module over named ``sources`` plus held-out-only ``val_source_specs``: a batch's ``source``
+    ids index :attr:`source_names`."""
+
+    sources: Sequence[Any]
+    val_source_specs: Sequence[Any]
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names for the batch's ``source`` ids: training sources, then validation-only ones."""
+        return [s.name for s in (*self.sources, *self.val_source_specs)]
+
+
 def check_ints(*args: tuple[str, Any, int]) -> None:
     """Each ``(name, value, low)``: ``value`` must be an integer (not a bool) >= ``low``."""
     for name, value, low in args:

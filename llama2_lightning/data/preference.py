@@ -63,7 +63,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.chat import Message, encode_side, truncate_pair
-from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
+from llama2_lightning.data.base import SourcedDataModule, check_choice, check_ints
 from llama2_lightning.data.readers import hh_pair_to_prompt_and_answers
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
@@ -271,7 +271,7 @@ class SourceStats:
     train_sampled: int = 0  # after mixing: what one training epoch sees
 
 
-class PreferenceDataModule(TokenizedDataModule):
+class PreferenceDataModule(SourcedDataModule):
     """Reward-model preference pairs (module docstring for formats, truncation, split and mixing).
 
     Args:
@@ -321,11 +321,6 @@ class PreferenceDataModule(TokenizedDataModule):
         self.train_dataset: PreferenceDataset | None = None
         self.val_dataset: PreferenceDataset | None = None
         self.stats: dict[str, Any] = {}
-
-    @property
-    def source_names(self) -> list[str]:
-        """Names for the batch's ``source`` ids: training sources, then validation-only ones."""
-        return [s.name for s in (*self.sources, *self.val_source_specs)]
 
     @property
     def heldout_dataset(self) -> PreferenceDataset:

@@ -54,7 +54,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llama2_lightning.chat import Message, encode_prompt
-from llama2_lightning.data.base import TokenizedDataModule, check_choice, check_ints
+from llama2_lightning.data.base import SourcedDataModule, check_choice, check_ints
 from llama2_lightning.data.readers import parse_hh_dialog, self_instruct_to_dialogs
 from llama2_lightning.data.sources import source_entries
 from llama2_lightning.data.split import heldout_keys
@@ -293,7 +293,7 @@ class PromptSourceStats:
     safety: int = 0  # prompts kept (either split) tagged is_safety
 
 
-class PromptDataModule(TokenizedDataModule):
+class PromptDataModule(SourcedDataModule):
     """RLHF prompts (module docstring for formats, tags and the split).
 
     Args:
@@ -358,10 +358,6 @@ class PromptDataModule(TokenizedDataModule):
         self.train_dataset: PromptDataset | None = None
         self.val_dataset: PromptDataset | None = None
         self.stats: dict[str, Any] = {}
-
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in (*self.sources, *self.val_source_specs)]
 
     @property
     def train_prompts(self) -> list[Prompt]:

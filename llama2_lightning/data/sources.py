@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama2_lightning.mapping_checks import check_entry
+
 
 @dataclass
 class SourceEntry:
@@ -30,11 +32,7 @@ def source_entries(sources: Sequence[Mapping[str, Any]], key: str, allowed_keys:
         raise ValueError(f"{key} must be a list of dicts like {{path: ..., format: {default_format}}}, got {sources!r}")
     for i, entry in enumerate(sources):
         where = f"{key}[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a dict with a 'path', got {entry!r}")
-        unknown = sorted(set(entry) - set(allowed_keys))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(allowed_keys)}")
+        entry = check_entry(entry, where, allowed_keys, "a dict with a 'path'")
         if not isinstance(entry.get("path"), (str, Path)) or not str(entry["path"]):
             raise ValueError(f"{where}.path is required: a JSONL file (plain or .gz) or a CSV")
         fmt = entry.get("format", default_format)

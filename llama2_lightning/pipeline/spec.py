@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from llama2_lightning.mapping_checks import check_entry
+
 MARKER = "stage.json"
 STAGE_CONFIG = "stage-config.yaml"
 STAGE_LOG = "stage.log"
@@ -80,11 +82,7 @@ def load_pipeline(path: str | os.PathLike[str], run_dir: str | None = None) -> P
     stages: list[Stage] = []
     for i, entry in enumerate(raw["stages"]):
         where = f"{path}: stages[{i}]"
-        if not isinstance(entry, dict):
-            raise PipelineError(f"{where}: expected a mapping with keys {', '.join(_STAGE_KEYS)}")
-        unknown = sorted(set(entry) - set(_STAGE_KEYS))
-        if unknown:
-            raise PipelineError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_STAGE_KEYS)}")
+        entry = check_entry(entry, where, _STAGE_KEYS, f"a mapping with keys {', '.join(_STAGE_KEYS)}", PipelineError)
         name, config = entry.get("name"), entry.get("config")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise PipelineError(f"{where}.name: a non-empty directory name is required, got {name!r}")

@@ -19,8 +19,7 @@ import yaml
 
 from paths import ROOT, TOKENIZER
 
-from llama2_lightning import LlamaConfig, Tokenizer, Transformer
-from llama2_lightning.checkpoint import save_hf
+from llama2_lightning import LlamaConfig, Tokenizer
 from llama2_lightning.cli import lightning_cli, main
 from llama2_lightning.data.preference import PreferenceDataModule, collate_preference_pairs
 from llama2_lightning.modules import RewardModule
@@ -76,16 +75,6 @@ def made_up_pairs(n: int, seed: int) -> list[dict]:
             sides.append(" ".join(words))
         pairs.append({"prompt": prompt, "chosen": sides[0], "rejected": sides[1], "margin_label": rng.choice(LABELS)})
     return pairs
-
-
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny language model in Hugging Face format: the stand-in for the SFT checkpoint."""
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("init") / "hf"
-    save_hf(model.config, model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

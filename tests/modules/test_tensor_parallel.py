@@ -16,7 +16,7 @@ import yaml
 from paths import ROOT, TOKENIZER
 
 from llama2_lightning import LlamaConfig, Transformer
-from llama2_lightning.checkpoint import load_lightning, save_hf
+from llama2_lightning.checkpoint import load_lightning
 
 
 def _fit(config: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
@@ -38,15 +38,6 @@ def _ranks(rec: Path, n: int) -> list[dict]:
 
 def _on_one_process(batch_size: int) -> list[str]:
     return ["--trainer.devices=1", "--trainer.strategy=auto", f"--data.init_args.batch_size={batch_size}"]
-
-
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = Transformer.from_name("tiny")
-    path = tmp_path_factory.mktemp("init") / "hf"
-    save_hf(model.config, model.state_dict(), path)
-    return path
 
 
 @pytest.mark.slow
