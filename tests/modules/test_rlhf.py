@@ -260,7 +260,7 @@ def test_ppo_experience_sums_to_the_papers_reward(tiny_ckpt: Path, tok: Tokenize
             p.add_(0.05 * torch.randn_like(p))
     beta = 0.3
     callback = PPOCallback(kl_coef=beta, seed=5)
-    exp = callback.make_experience(SimpleNamespace(global_rank=0), module, batch)
+    exp = callback.make_experience(SimpleNamespace(global_rank=0, strategy=SimpleNamespace()), module, batch)
     rollout = module.rollout(batch, seed=exp.seed)
     raw = module.score(rollout)["reward"]
     ev = module.evaluate_rollout(rollout)
@@ -389,7 +389,7 @@ class _StubPolicy:
 def test_rejection_sampling_pool_keeps_each_prompts_best_over_rounds() -> None:
     cb = RejectionSamplingCallback(num_samples=3, temperature=1.0, temperature_increment=0.1, max_temperature=1.15)
     batch = {"prompt_ids": [[1, 5], [1, 6]], "index": torch.tensor([0, 1]), "messages": [], "is_safety": None}
-    trainer = SimpleNamespace(global_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace())
     rounds = [[[0.1, 0.5, 0.2], [0.3, 0.1, 0.0]],  # best: prompt 0 -> 0.5, prompt 1 -> 0.3
               [[0.4, 0.2, 0.1], [0.9, 0.2, 0.8]],  # prompt 0 worse than its pool entry, prompt 1 better
               [[0.6, 0.0, 0.0], [0.1, 0.1, 0.1]]]
