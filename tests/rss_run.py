@@ -25,6 +25,19 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import local_numel
 from llama2_lightning.modules.common import build_transformer
 
+
+def peak_rss_kib(reset: bool = False) -> int:
+    """This process's peak resident set size. ``getrusage``'s ``ru_maxrss`` survives fork and exec, so a child
+    of a large pytest process starts with the parent's peak; Linux's ``VmHWM`` can be reset to the current
+    size first (``clear_refs`` 5). Falls back to ``getrusage`` where ``/proc`` lacks it."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+    return int(line.split()[1])
+
 # ~168M parameters: 672 MB in float32
 CONFIG = LlamaConfig(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, multiple_of=256,
                      max_seq_len=256)
@@ -40,9 +53,9 @@ def main(mode: str, directory: str) -> None:
         if dist.get_rank() == 0:
             torch.save({"llama_config": CONFIG.to_dict(), "global_step": 0}, path / "meta.pt")
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_rss_kib(reset=True)
         model = build_transformer(CONFIG, str(path), device_mesh=mesh, param_dtype="bfloat16")
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = peak_rss_kib()
         print(json.dumps({"rank": dist.get_rank(), "before_kib": before, "after_kib": after,
                           "local_bytes": local_numel(model) * 4, "model_bytes": model.num_parameters() * 4}))
     dist.barrier()
