@@ -105,9 +105,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
-        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type) \
-                and not name.startswith("__"):
-            return getattr(dcp_metadata, name)
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        # Only the metadata classes defined there, not what that module imports (Enum, typing names).
+        if isinstance(found, type) and found.__module__ == dcp_metadata.__name__ and not name.startswith("__"):
+            return found
         raise UnsafeCheckpointError(
             f"{self.source}: refused to load: this sharded checkpoint's metadata asks to call {module}.{name}, "
             "which torch's checkpoint metadata never contains (the directory may have been crafted to run "
