@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import is_sharded, shard_scalar_model, shard_transformer
-from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
+from llama2_lightning.distributed import is_sharded, shard_for_training
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs, as_args
 from llama2_lightning.optim import build_optimizer, cosine_with_warmup, param_groups
@@ -94,8 +93,7 @@ def build_transformer(config: LlamaConfig, init_from: str | None = None, activat
         model.to(dtype)  # on meta: no memory; the RoPE table stays float32
     model.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
-        parallelize_transformer(model, device_mesh)  # TP first (no-op at size 1): FSDP2 shards the TP shards
-        shard_transformer(model, device_mesh, param_dtype, reduce_dtype, float32_outputs=True)
+        shard_for_training(model, device_mesh, param_dtype, reduce_dtype)  # TP (if any), then FSDP2
     device = materialization_device(device_mesh)
     if init_from:
         load_initial_weights(model, init_from, device)
@@ -116,8 +114,7 @@ def build_scalar_model(config: LlamaConfig, init_from: str | None = None, activa
         model.to(dtype)
     model.trunk.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
-        parallelize_scalar_model(model, device_mesh)  # TP first (no-op at size 1)
-        shard_scalar_model(model, device_mesh, param_dtype, reduce_dtype)
+        shard_for_training(model, device_mesh, param_dtype, reduce_dtype)  # TP (if any), then FSDP2
     device = materialization_device(device_mesh)
     if init_from and is_reward_checkpoint(init_from):
         found, state_dict, _ = read_reward_checkpoint(init_from)
