@@ -8,16 +8,20 @@ Lightning's ``ModelParallelStrategy``, which calls this from ``configure_model``
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.model import Transformer
+from llama2_lightning.scalar_model import ScalarModel
+from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -68,6 +72,20 @@ def shard_scalar_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str | No
     return model
 
 
+def shard_for_training(model: nn.Module, mesh: DeviceMesh, param_dtype: str | None = None,
+                       reduce_dtype: str | None = "float32") -> nn.Module:
+    """The layout every stage holds a model in over Lightning's (data_parallel, tensor_parallel) mesh:
+    split over the TP dimension first (a no-op at size 1), then FSDP2 over the data-parallel one, which
+    shards the TP shards. A ``ScalarModel`` (reward, value) or a language model (float32 logits). The
+    builders of the stage modules and the ``memory`` command both call this, so the estimate counts
+    the shards training allocates."""
+    if isinstance(model, ScalarModel):
+        parallelize_scalar_model(model, mesh)
+        return shard_scalar_model(model, mesh, param_dtype, reduce_dtype)
+    parallelize_transformer(model, mesh)
+    return shard_transformer(model, mesh, param_dtype, reduce_dtype, float32_outputs=True)
+
+
 def fits_gathered(full_bytes: int, budget_bytes: int | None) -> bool:
     """Whether a model of ``full_bytes`` unsharded may be gathered whole for generation; ``None``: no
     limit known (CPU)."""
@@ -96,13 +114,29 @@ def local_numel(module: nn.Module) -> int:
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
 
 
-def unsharded_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes of ``model``'s whole parameters in ``dtype`` (default: FSDP2's compute dtype, else their own)."""
-    total = 0
-    for p in model.parameters():
-        size = torch.empty(0, dtype=dtype or p.dtype).element_size()
-        total += p.numel() * size
-    return total
+def _gathered_numel(p: torch.Tensor) -> int:
+    if not isinstance(p, DTensor):
+        return p.numel()
+    names = p.device_mesh.mesh_dim_names or ()
+    placements = [Replicate() if name == "data_parallel" else pl for name, pl in zip(names, p.placements)]
+    shape, _ = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
+    return math.prod(shape)
+
+
+def gathered_numel(module: nn.Module) -> int:
+    """Elements of ``module``'s parameters once FSDP2 has all-gathered them over the data-parallel
+    dimension: the whole parameter without tensor parallelism, this rank's tensor-parallel shard with it
+    (each DTensor's block with its data-parallel placement made ``Replicate()``, torch's own layout
+    arithmetic). What :func:`gathered` allocates, and one FSDP2 unit's footprint while it computes."""
+    return sum(_gathered_numel(p) for p in module.parameters())
+
+
+def gathered_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``model``'s parameters gathered over the data-parallel dimension (:func:`gathered_numel`)
+    in ``dtype`` (default: each parameter's own): under tensor parallelism only the TP shard is ever
+    gathered, so 70B at TP 8 gathers 1/8 of its weights (17 GB in bf16), not the 138 GB of the whole."""
+    return sum(_gathered_numel(p) * torch.empty(0, dtype=dtype or p.dtype).element_size()
+               for p in model.parameters())
 
 
 def _compute_dtype(unit: FSDPModule) -> torch.dtype | None:
@@ -119,7 +153,8 @@ def gathered(model: nn.Module, budget_bytes: int | None = -1) -> Iterator[bool]:
     Token-by-token generation runs one forward per new token; sharded, each all-gathers every block's
     weights again (the paper measured naive FSDP generation ~20x slower), so gathering once up front
     makes every generation forward local. That needs the whole model in the compute dtype on every
-    GPU (70B: 138 GB in bf16, more than one GPU holds), so the model is gathered only when it fits
+    GPU (70B: 138 GB in bf16, more than one GPU holds), or under tensor parallelism this rank's TP
+    shard of it (:func:`gathered_bytes`; the TP split is never undone), so it is gathered only when it fits
     ``budget_bytes`` (default, -1: :data:`GATHER_FRACTION` of the free accelerator memory; ``None``: no
     limit). Otherwise it stays sharded and :func:`llama2_lightning.generation.generate` decodes in
     lockstep across ranks, gathering one block at a time.
@@ -131,7 +166,7 @@ def gathered(model: nn.Module, budget_bytes: int | None = -1) -> Iterator[bool]:
     if budget_bytes == -1:
         budget_bytes = gather_budget(next(model.parameters()).device)
     compute = _compute_dtype(units[0])
-    if not fits_gathered(unsharded_bytes(model, compute), budget_bytes):
+    if not fits_gathered(gathered_bytes(model, compute), budget_bytes):
         yield False
         return
     for m in units:

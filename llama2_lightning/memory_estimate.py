@@ -1,11 +1,14 @@
 """Per-rank GPU memory of a training config, from its exact sharding plan over a simulated cluster.
 
 Every model the stage holds (policy, value model, reference, reward models) is built on the meta device
-and sharded with the same functions the training modules call (``shard_transformer``, the reward and
-value models' root unit) over a world of N ranks made of torch's fake process group: no process, no
-storage, but each parameter's local shard has the shape rank 0 would hold. Bytes are counted from those
-shards; what is not a tensor (activations, the KV cache) is estimated from the shapes the config gives,
-and each estimate says how (``Estimate.notes``).
+and laid out with the function the training modules call (:func:`llama2_lightning.distributed.
+shard_for_training`: the tensor-parallel plan, then FSDP2) over Lightning's own (data_parallel,
+tensor_parallel) device mesh of N ranks, made of torch's fake process group: no process, no storage, but
+each parameter's local shard has the shape rank 0 would hold. Bytes are counted from those shards, and
+FSDP2's gathered units from the same DTensors with their data-parallel placement replicated
+(:func:`llama2_lightning.distributed.gathered_numel`: under TP a unit gathers only its TP shard). What
+is not a tensor (activations, the KV cache) is estimated from the shapes the config gives, divided
+where tensor parallelism splits them, and each estimate says how (``Estimate.notes``).
 
 Peak = what persists (master weights, gradients, optimiser state, frozen models) + the larger of the
 two transient phases: training (FSDP2's gathered units + activations) and generation (a gathered policy
@@ -22,16 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from lightning.fabric.strategies.model_parallel import _setup_device_mesh
 
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import (
-    GATHER_FRACTION,
-    fits_gathered,
-    local_numel,
-    shard_scalar_model,
-    shard_transformer,
-)
+from llama2_lightning.distributed import GATHER_FRACTION, fits_gathered, gathered_numel, local_numel, shard_for_training
 from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.model import Transformer
 from llama2_lightning.scalar_model import ScalarModel
@@ -69,7 +66,15 @@ class StagePlan:
     generation_rows: int = 0
     """sequences decoded at once on one rank (RLHF rollouts, sample callbacks); 0: no generation"""
     generation_seq: int = 0
+    tensor_parallel_size: int = 1
+    """the strategy's ``tensor_parallel_size``; ``world_size / tensor_parallel_size`` data-parallel replicas"""
+    sharded_loss: bool = False
+    """the loss reads vocabulary-sharded logits (pretraining, SFT: ``loss_parallel``); RLHF gathers them"""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.tensor_parallel_size
 
 
 @dataclass
@@ -115,8 +120,34 @@ def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return resolve_dtype(name) or default
 
 
-def plan_from_config(config: Mapping[str, Any], world_size: int) -> StagePlan:
-    """The per-rank plan of a LightningCLI YAML (as a dict): which models, in which dtypes, how many rows."""
+def parallel_layout(config: Mapping[str, Any], world_size: int | None = None) -> tuple[int, int]:
+    """(world size, tensor-parallel size) of a config's ``ModelParallelStrategy``, as Lightning resolves
+    them (``"auto"``: data parallel over the nodes, tensor parallel over a node's devices). ``world_size``
+    given: that many ranks, the config's TP size kept and the data-parallel size made to fit."""
+    trainer = config.get("trainer") or {}
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    devices, nodes = (devices if isinstance(devices, int) else 1), (nodes if isinstance(nodes, int) else 1)
+    strategy = trainer.get("strategy")
+    where = "trainer.strategy.init_args"
+    if isinstance(strategy, Mapping) and str(strategy.get("class_path", "")).endswith("ModelParallelStrategy"):
+        init = dict(strategy.get("init_args") or {})
+        dp, tp = init.get("data_parallel_size", "auto"), init.get("tensor_parallel_size", "auto")
+        dp, tp = (nodes if dp == "auto" else dp), (devices if tp == "auto" else tp)
+    else:  # another strategy: no tensor parallelism, every process a data-parallel rank
+        dp, tp = devices * nodes, 1
+    for key, value in (("data_parallel_size", dp), ("tensor_parallel_size", tp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}.{key}={value!r}: expected a positive integer or 'auto'")
+    world = dp * tp if world_size is None else world_size
+    if world < 1 or world % tp != 0:
+        raise ValueError(f"--world-size {world} is not a multiple of {where}.tensor_parallel_size={tp}: the "
+                         "ranks form data-parallel replicas of one tensor-parallel group each")
+    return world, tp
+
+
+def plan_from_config(config: Mapping[str, Any], world_size: int, tensor_parallel_size: int = 1) -> StagePlan:
+    """The per-rank plan of a LightningCLI YAML (as a dict): which models, in which dtypes, how many rows,
+    over ``world_size`` ranks of which each ``tensor_parallel_size`` form a tensor-parallel group."""
     model = config.get("model") or {}
     cls = str(model.get("class_path", ""))
     args = dict(model.get("init_args") or {})
@@ -131,7 +162,7 @@ def plan_from_config(config: Mapping[str, Any], world_size: int) -> StagePlan:
     optimizer = str(optim.get("name", "adamw"))
     seq = int(data.get("max_seq_len") or cfg.max_seq_len)
     rows = int(data.get("batch_size", 1))
-    plan = StagePlan("", world_size, [], compute, optimizer, rows, seq, ckpt)
+    plan = StagePlan("", world_size, [], compute, optimizer, rows, seq, ckpt, tensor_parallel_size=tensor_parallel_size)
     samples = [c for c in callbacks if str(c.get("class_path", "")).rsplit(".", 1)[-1]
                in ("ChatSamples", "GenerationSamples")]
     if samples:  # these callbacks decode a few prompts on every rank
@@ -139,10 +170,10 @@ def plan_from_config(config: Mapping[str, Any], world_size: int) -> StagePlan:
         plan.generation_rows, plan.generation_seq = 1, min(cfg.max_seq_len, 256 + new)
         plan.notes.append(f"{samples[0]['class_path'].rsplit('.', 1)[-1]}: one prompt of <= 256 tokens + {new} new")
     if cls.endswith("PretrainModule"):
-        plan.stage = "pretrain"
+        plan.stage, plan.sharded_loss = "pretrain", True
         plan.models.append(ModelSpec("model", cfg, True, master))
     elif cls.endswith("SFTModule"):
-        plan.stage = "sft"
+        plan.stage, plan.sharded_loss = "sft", True
         plan.models.append(ModelSpec("model", cfg, True, master))
     elif cls.endswith("RewardModule"):
         plan.stage = "reward"
@@ -180,11 +211,12 @@ def _rlhf_plan(plan: StagePlan, cfg: LlamaConfig, args: dict[str, Any], data: di
     for c in callbacks:
         if str(c.get("class_path", "")).endswith("RejectionSamplingCallback"):
             k = int((c.get("init_args") or {}).get("num_samples", 1))
-    prompts_per_rank = max(1, math.ceil(int(data.get("batch_size", 1)) / plan.world_size))
+    # the ranks of a tensor-parallel group decode the same prompts together: one share per replica
+    prompts_per_rank = max(1, math.ceil(int(data.get("batch_size", 1)) / plan.data_parallel_size))
     chunk = args.get("rollout_batch_size")
     plan.generation_rows = prompts_per_rank * k if chunk is None else min(int(chunk), prompts_per_rank * k)
     plan.generation_seq = int(data.get("max_prompt_len", 1024)) + int(args.get("max_new_tokens", 64))
-    plan.notes.append(f"rollout: {prompts_per_rank} prompts per rank x K={k}, decoded {plan.generation_rows} "
+    plan.notes.append(f"rollout: {prompts_per_rank} prompts per replica x K={k}, decoded {plan.generation_rows} "
                       f"rows at a time" + (" (set model.init_args.rollout_batch_size to bound it)"
                                           if chunk is None else ""))
     micro = args.get("micro_batch_size") or args.get("minibatch_size", 1)
@@ -193,47 +225,66 @@ def _rlhf_plan(plan: StagePlan, cfg: LlamaConfig, args: dict[str, Any], data: di
 
 # ------------------------------------------------------------------------------------- simulated world
 @contextlib.contextmanager
-def fake_world(world_size: int) -> Iterator[Any]:
-    """A device mesh of ``world_size`` ranks over torch's fake process group (this process is rank 0)."""
+def fake_world(world_size: int, tensor_parallel_size: int = 1) -> Iterator[Any]:
+    """Lightning's (data_parallel, tensor_parallel) device mesh of ``world_size`` ranks
+    (``ModelParallelStrategy``'s own constructor), over torch's fake process group (this process is rank 0)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("the memory estimate needs its own (fake) process group; one is already initialised")
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
-        yield init_device_mesh("cpu", (world_size,), mesh_dim_names=("data_parallel",))
+        yield _setup_device_mesh(world_size // tensor_parallel_size, tensor_parallel_size, world_size,
+                                 torch.device("cpu"))
     finally:
         dist.destroy_process_group()
 
 
-def shard_on_meta(spec: ModelSpec, mesh: Any, compute_dtype: torch.dtype | None) -> tuple[int, int, int, int]:
-    """Build ``spec`` on meta and shard it as training does: (numel, local numel on rank 0, numel of
-    the largest block, numel of the root unit: embeddings, final norm, output or head)."""
+@dataclass
+class ShardedModel:
+    """Sizes of one model laid out as training lays it out (elements)."""
+
+    numel: int
+    local: int
+    """held by rank 0 (its FSDP2 slice of its TP shard)"""
+    block: int
+    """one block gathered by FSDP2: the whole block without TP, rank 0's TP shard of it with TP"""
+    root: int
+    """the root unit gathered (embeddings, final norm, output or head)"""
+    gathered: int
+    """the whole model gathered over the data-parallel dimension (what ``gathered()`` allocates)"""
+
+
+def shard_on_meta(spec: ModelSpec, mesh: Any, compute_dtype: torch.dtype | None) -> ShardedModel:
+    """Build ``spec`` on meta and lay it out as training does (:func:`shard_for_training`)."""
     with torch.device("meta"):
         trunk = Transformer(spec.config)
         model: torch.nn.Module = ScalarModel.from_transformer(trunk) if spec.scalar else trunk
     numel = sum(p.numel() for p in model.parameters())
-    block = sum(p.numel() for p in trunk.layers[0].parameters()) if len(trunk.layers) else 0
-    root = numel - block * len(trunk.layers)
-    if spec.int8:  # bitsandbytes int8 layers are not sharded by FSDP2: every rank holds all of it
-        return numel, numel, block, root
+    if spec.int8:  # bitsandbytes int8 layers are neither split nor sharded: every rank holds all of it
+        block = sum(p.numel() for p in trunk.layers[0].parameters()) if len(trunk.layers) else 0
+        return ShardedModel(numel, numel, block, numel - block * len(trunk.layers), numel)
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[compute_dtype] \
         if spec.trainable and compute_dtype is not None else None
-    if spec.scalar:
-        shard_scalar_model(model, mesh, dtype_name, "float32")  # type: ignore[arg-type]
-    else:
-        shard_transformer(model, mesh, dtype_name, "float32")  # type: ignore[arg-type]
-    return numel, local_numel(model), block, root
+    shard_for_training(model, mesh, dtype_name, "float32" if spec.trainable else None)
+    gathered = gathered_numel(model)
+    block = gathered_numel(trunk.layers[0]) if len(trunk.layers) else 0
+    return ShardedModel(numel, local_numel(model), block, gathered - block * len(trunk.layers), gathered)
 
 
 # ------------------------------------------------------------------------------------------ estimate
-def block_activation_bytes(config: LlamaConfig, tokens: int, dtype_bytes: int) -> int:
+def block_activation_bytes(config: LlamaConfig, tokens: int, dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
     """Tensors one block saves for backward, per token: its input, both norms' outputs, q/k/v, the
-    attention output (SDPA keeps no T x T matrix, only a per-row log-sum-exp), the residual, and the
-    feed-forward's w1, w3, silu and product outputs."""
+    attention output (SDPA keeps no T x T matrix, only a per-row log-sum-exp), ``wo``'s output, the
+    residual, and the feed-forward's w1, w3, silu and product outputs.
+
+    Under tensor parallelism the residual-stream tensors (input, norms, ``wo``'s all-reduced output,
+    residual: 5 x dim) are whole on every rank of the group (no sequence parallelism), while those
+    inside the split (q, the attention output, k/v: this rank's heads; the feed-forward's: its share
+    of the width) are 1/tp of it."""
     C, H = config.dim, config.hidden_dim or 4 * config.dim
     kv = 2 * config.n_kv_heads * config.head_dim
-    per_token = 7 * C + kv + 4 * H
+    per_token = 5 * C + (2 * C + kv + 4 * H) // tensor_parallel_size
     return tokens * per_token * dtype_bytes
 
 
@@ -245,9 +296,12 @@ def estimate(plan: StagePlan, gpu_gib: float | None = None) -> Estimate:
     models: dict[str, dict[str, int]] = {}
     notes = list(plan.notes)
     train_units = 0
-    with fake_world(plan.world_size) as mesh:
+    tp = plan.tensor_parallel_size
+    sizes: dict[str, ShardedModel] = {}
+    with fake_world(plan.world_size, tp) as mesh:
         for spec in plan.models:
-            numel, local, block, root = shard_on_meta(spec, mesh, plan.compute_dtype)
+            sizes[spec.name] = shard = shard_on_meta(spec, mesh, plan.compute_dtype)
+            numel, local, block, root = shard.numel, shard.local, shard.block, shard.root
             eb = 1 if spec.int8 else torch.empty(0, dtype=spec.dtype).element_size()
             models[spec.name] = {"numel": numel, "local_numel": local, "bytes_per_param": eb}
             if spec.trainable:
@@ -265,34 +319,43 @@ def estimate(plan: StagePlan, gpu_gib: float | None = None) -> Estimate:
     comp["fsdp_gathered_units"] = train_units
     trainable = [s for s in plan.models if s.trainable]
     tokens = plan.train_rows * plan.train_seq
+    vocab_share = tp if plan.sharded_loss else 1  # RLHF's log-probabilities read gathered logits
     for spec in trainable:
-        block = block_activation_bytes(spec.config, tokens, cb)
-        if plan.activation_checkpointing:
+        block = block_activation_bytes(spec.config, tokens, cb, tp)
+        if plan.activation_checkpointing:  # block inputs are the residual stream: whole on every TP rank
             acts = spec.config.n_layers * tokens * spec.config.dim * cb + block
         else:
             acts = spec.config.n_layers * block
         if not spec.scalar:  # logits in float32, their log-softmax and its gradient
-            acts += tokens * spec.config.vocab_size * 12
+            acts += tokens * spec.config.vocab_size // vocab_share * 12
         comp["activations"] += acts
     notes.append(f"activations: {plan.train_rows} x {plan.train_seq} tokens per forward/backward; "
                  + ("checkpointed: every block's input + one block recomputed (block_activation_bytes)"
                     if plan.activation_checkpointing else "every block's saved tensors (block_activation_bytes)")
-                 + "; LM logits 12 bytes/token/vocab entry (fp32 logits, log-softmax, gradient)")
+                 + "; LM logits 12 bytes/token/vocab entry (fp32 logits, log-softmax, gradient)"
+                 + ("" if tp == 1 else f"; TP {tp}: heads and FFN width 1/{tp}, residual stream whole, logits "
+                    + (f"1/{tp} of the vocabulary (loss_parallel)" if plan.sharded_loss
+                       else "gathered over the vocabulary (RLHF log-probabilities)")))
     if plan.generation_rows:
         cfg = plan.models[0].config
-        comp["kv_cache"] = (plan.generation_rows * plan.generation_seq * cfg.n_layers * 2 * cfg.n_kv_heads
+        # each rank caches only its own n_kv_heads / tp heads (the attention is split by heads)
+        comp["kv_cache"] = (plan.generation_rows * plan.generation_seq * cfg.n_layers * 2 * (cfg.n_kv_heads // tp)
                             * cfg.head_dim * cb)
-        full = models[plan.models[0].name]["numel"] * cb
+        # gathered() gathers over the data-parallel dimension only: the whole policy without TP, this
+        # rank's TP shard with it
+        full = sizes[plan.models[0].name].gathered * cb
         persistent = sum(comp[k] for k in ("params", "grads", "optimizer_state", "frozen_models"))
         # the rule gathered() applies at run time, to the memory free beside the persistent state
         budget = None if gpu_gib is None else int((gpu_gib * GIB - persistent) * GATHER_FRACTION)
+        what = "whole" if tp == 1 else f"as its TP shard (1/{tp}; the TP split is never undone)"
         if plan.world_size > 1 and fits_gathered(full, budget):
             comp["generation_gathered_policy"] = full
-            notes.append(f"generation: the policy is gathered whole ({full / GIB:.1f} GiB in compute dtype)")
+            notes.append(f"generation: the policy is gathered {what} over the data-parallel ranks once per "
+                         f"rollout ({full / GIB:.1f} GiB in compute dtype); KV cache n_kv_heads/{tp} per rank")
         else:
             comp["generation_gathered_policy"] = train_units
-            notes.append("generation: the whole policy does not fit beside the rest, so it decodes sharded "
-                         "(FSDP2 gathers one block at a time per token; slow, see README)")
+            notes.append(f"generation: the policy gathered {what} does not fit beside the rest, so it decodes "
+                         "sharded (FSDP2 gathers one block at a time per token; slow, see README)")
     persistent = sum(comp[k] for k in ("params", "grads", "optimizer_state", "frozen_models"))
     train = comp["fsdp_gathered_units"] + comp["activations"]
     gen = comp["generation_gathered_policy"] + comp["kv_cache"]
@@ -302,7 +365,9 @@ def estimate(plan: StagePlan, gpu_gib: float | None = None) -> Estimate:
 
 def format_table(plan: StagePlan, est: Estimate) -> str:
     dtype = str(plan.compute_dtype).split(".")[-1]
-    lines = [f"stage {plan.stage}, {plan.world_size} ranks, compute {dtype}, optimizer {plan.optimizer}", "",
+    layout = (f"{plan.world_size} ranks" if plan.tensor_parallel_size == 1 else
+              f"{plan.world_size} ranks = TP {plan.tensor_parallel_size} x FSDP {plan.data_parallel_size}")
+    lines = [f"stage {plan.stage}, {layout}, compute {dtype}, optimizer {plan.optimizer}", "",
              f"{'component':<28}{'GiB per rank':>14}"]
     lines += [f"{name:<28}{value / GIB:>14.2f}" for name, value in est.components.items()]
     lines.append(f"{'total (peak)':<28}{est.total / GIB:>14.2f}")
@@ -317,7 +382,9 @@ def format_table(plan: StagePlan, est: Estimate) -> str:
     return "\n".join(lines)
 
 
-def summary(est: Estimate) -> dict[str, Any]:
-    return {"per_rank_gib": round(est.total / GIB, 3), "fits": est.fits,
+def summary(est: Estimate, plan: StagePlan | None = None) -> dict[str, Any]:
+    layout = {} if plan is None else {"world_size": plan.world_size, "tensor_parallel_size": plan.tensor_parallel_size,
+                                      "data_parallel_size": plan.data_parallel_size}
+    return {"per_rank_gib": round(est.total / GIB, 3), "fits": est.fits, **layout,
             "components": {k: round(v / GIB, 3) for k, v in est.components.items()},
             "models": est.models, "over": est.over()}

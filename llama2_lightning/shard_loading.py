@@ -31,7 +31,7 @@ def local_slice(full: Tensor, target: Tensor) -> Tensor:
     if tuple(full.shape) != tuple(target.shape):
         raise ValueError(f"shape {tuple(full.shape)} in the checkpoint, expected {tuple(target.shape)}")
     if not isinstance(target, DTensor):
-        return full
+        return full if isinstance(full, Tensor) else full[(slice(None),) * len(full.shape)]  # a lazy MetaWeight
     shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 

@@ -3,6 +3,7 @@ model: real gloo processes on CPU for the numbers, torch's fake process group fo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from paths import ROOT
+from paths import ROOT, TOKENIZER
 
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.generation import generate
@@ -157,3 +158,118 @@ def test_without_a_tensor_parallel_mesh_nothing_changes() -> None:
     assert parallelize_transformer(model, None) is model and not is_tensor_parallel(model)
     assert all(p is before[n] for n, p in model.named_parameters())
     assert model.layers[0].attention.n_kv_heads == 2
+
+
+@pytest.mark.slow
+def test_heldout_answers_and_samples_under_tp2_are_the_unsharded_greedy_ones(tmp_path: Path) -> None:
+    """Every decoding path besides the PPO rollouts on a policy split 2 ways (2 gloo processes):
+    ``RLHFModule.validation_step`` (``Trainer.validate``, ``ModelParallelStrategy``), the pipeline
+    report's ``answer_heldout``, ``ChatSamples`` and ``GenerationSamples``. Greedy, each gives the
+    unsharded model's tokens, and each decoding forward computes with half of ``wq`` (the TP shard)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tp_heldout_worker import CHAT_PROMPTS, NEW_TOKENS, TEXT_PROMPTS, prompt_data
+
+    from llama2_lightning.callbacks.chat_samples import ChatSamples
+    from llama2_lightning.callbacks.samples import GenerationSamples
+    from llama2_lightning.pipeline.report import answer_heldout
+    from llama2_lightning.reward_functions import TokenRuleReward
+
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny")
+    with torch.no_grad():  # sharper attention than at init: the answers then depend on the whole prompt
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(3)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "llama_config": model.config.to_dict()}, tmp_path / "policy.ckpt")
+    nouns = ["the king", "the queen", "my lord", "the sea", "love", "war", "the night", "thy heart"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me of {n}."}) + "\n" for n in nouns))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+         str(ROOT / "tests" / "tp_heldout_worker.py"), str(tmp_path), str(TOKENIZER)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    data = prompt_data(tmp_path, str(TOKENIZER))
+    data.setup("fit")
+    tok = data.tokenizer
+    model.eval()
+    for r in ranks:
+        assert r["tp_rank"] == r["rank"] and r["validation"]
+        assert r["wq_widths"] == [model.config.dim // 2]  # 2 of the 4 query heads in every forward
+        greedy = []
+        for batch in r["validation"]:
+            expected = generate(model, batch["prompt_ids"], NEW_TOKENS, temperature=0.0, eos_id=tok.eos_id,
+                                pad_id=tok.pad_id).as_lists()
+            assert batch["answer_ids"] == expected
+            greedy += [tok.decode([t for t in a if t != tok.eos_id]).strip() for a in expected]
+        assert len(greedy) == len(data.val_dataset) and r["report"] == greedy  # the same held-out prompts
+    report = [a.answer for a in answer_heldout(tmp_path / "policy.ckpt", data, TokenRuleReward(targets=["the"]),
+                                               NEW_TOKENS, temperature=0.0)]
+    trainer = SimpleNamespace(datamodule=data, global_step=0, is_global_zero=True, loggers=[])
+    chat = ChatSamples(CHAT_PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0,
+                       print_samples=False).log_samples(trainer, SimpleNamespace(model=model))
+    text = GenerationSamples(TEXT_PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0,
+                             print_samples=False).log_samples(trainer, SimpleNamespace(model=model))
+    assert len(set(report)) > 1 and len(set(chat)) == 2 and len(set(text)) == 2  # prompt-dependent answers
+    for r in ranks:
+        assert (r["report"], r["chat"], r["generation"]) == (report, chat, text)
+
+
+@pytest.mark.slow
+def test_meta_shards_load_into_their_tensor_parallel_ranks(tmp_path: Path) -> None:
+    """A tiny model saved as Meta's 2 model-parallel shards, built split 2 ways (2 gloo processes):
+    the unsharded model's logits, and TP rank i read every weight Meta split as the plan does from
+    consolidated.0i.pth alone (and the replicated norms too); only the embedding, split by Meta on
+    the embedding dim and by the plan on the vocabulary, is read from both."""
+    from llama2_lightning.checkpoint import save_meta
+
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny")
+    save_meta(model.config, model.state_dict(), tmp_path / "meta", num_shards=2)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+         str(ROOT / "tests" / "tp_meta_worker.py"), str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with torch.no_grad():
+        expected = model(tokens)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits{rank}.pt", weights_only=True), expected,
+                                   rtol=0, atol=1e-5)
+        reads = json.loads((tmp_path / f"reads{rank}.json").read_text())
+        assert set(reads) == set(model.state_dict())
+        for name, shards in reads.items():
+            assert shards == ([0, 1] if name == "tok_embeddings.weight" else [rank]), name
+
+
+def test_a_meta_weight_reads_any_block_from_the_shards_that_hold_it(tmp_path: Path) -> None:
+    """FSDP2's slices of a TP shard, or blocks across shards (TP size unlike the shard count): each
+    the block of the merged tensor, and a block inside one shard opens that shard's file only."""
+    from llama2_lightning.checkpoint import load_meta, read_config, save_meta
+    from llama2_lightning.checkpoint.meta_shards import MetaShards, MetaWeight, meta_weights
+
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny", n_kv_heads=4)  # 4 KV heads: 4 shards
+    save_meta(model.config, model.state_dict(), tmp_path, num_shards=4)
+    assert read_config(tmp_path) == load_meta(tmp_path)[0] == model.config
+    shards = MetaShards(tmp_path)
+    weights = meta_weights(shards, preferred=2)
+    assert sorted(shards._loaded) == [2]
+    for name, full in model.state_dict().items():
+        assert weights[name].shape == full.shape
+        for start in range(0, full.shape[0], 7):  # rows 7 at a time, across shard boundaries too
+            block = (slice(start, start + 9),) + ((slice(5, 21),) if full.dim() > 1 else ())
+            torch.testing.assert_close(weights[name][block], full[block], rtol=0, atol=0, msg=name)
+    alone = MetaShards(tmp_path)
+    wq = MetaWeight(alone, "layers.0.attention.wq.weight", preferred=1)
+    assert torch.equal(wq[(slice(16, 24),)], model.state_dict()["layers.0.attention.wq.weight"][16:24])
+    assert sorted(alone._loaded) == [1]  # rows 16..23 of 64 lie in shard 1 of 4

@@ -15,6 +15,7 @@ from llama2_lightning.checkpoint.gguf import load_gguf, read_gguf_config, save_g
 from llama2_lightning.checkpoint.hf import load_hf, save_hf
 from llama2_lightning.checkpoint.lightning import load_lightning, save_lightning
 from llama2_lightning.checkpoint.meta import load_meta, save_meta
+from llama2_lightning.checkpoint.meta_shards import read_meta_config
 from llama2_lightning.checkpoint.safe_load import read_dcp_metadata, require_mapping, safe_torch_load
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict
 from llama2_lightning.config import LlamaConfig
@@ -56,7 +57,7 @@ def read_config(path: str | os.PathLike[str], fmt: str | None = None) -> LlamaCo
         params = json.loads((path / "params.json").read_text())
         if params.get("vocab_size", -1) > 0:
             return LlamaConfig.from_meta_params(path / "params.json")
-        return load_meta(path)[0]  # the vocabulary size is only in the embedding's shape
+        return read_meta_config(path)  # the vocabulary size is only in the embedding's shape
     if fmt == "lightning":
         if path.is_dir():
             read_dcp_metadata(path)  # refuses a crafted directory before anything else in it is read

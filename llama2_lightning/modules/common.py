@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
+from llama2_lightning.checkpoint.meta_shards import MetaShards, meta_weights
 from llama2_lightning.config import LlamaConfig
-from llama2_lightning.distributed import is_sharded, shard_scalar_model, shard_transformer
-from llama2_lightning.tensor_parallel import parallelize_scalar_model, parallelize_transformer
+from llama2_lightning.distributed import is_sharded, shard_for_training
 from llama2_lightning.model import Transformer
 from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs, as_args
 from llama2_lightning.optim import build_optimizer, cosine_with_warmup, param_groups
@@ -70,13 +70,23 @@ def load_initial_weights(model: nn.Module, init_from: str, device: torch.device 
     if config.architecture() != target.config.architecture():
         raise ValueError(f"init_from={init_from}: its config {config} differs from the module's {target.config}")
     device = device if device is not None else materialization_device(device_mesh_of(model))
-    own = {name for name, _ in model.state_dict().items()}
+    own_names = {name for name, _ in model.state_dict().items()}
     if Path(init_from).is_dir() and detect_format(init_from) == "lightning" and is_sharded(model) and not prefix:
         materialize(model, device)  # storage (random values), overwritten by this rank's shards below
         load_distributed(model, init_from)
         return
+    if detect_format(init_from) == "meta" and is_sharded(model):
+        # each rank reads its blocks from the shards holding them, nothing merged (meta_shards.py):
+        # TP rank i of a plan that splits as Meta did opens consolidated.0i.pth only
+        shards = MetaShards(init_from)
+        tp_mesh = getattr(target, "tensor_parallel_mesh", None)
+        own = tp_mesh.get_local_rank() if tp_mesh is not None and tp_mesh.size() == len(shards) else 0
+        state_dict = {prefix + k: v for k, v in meta_weights(shards, own).items()
+                      if prefix + k in own_names or not prefix}
+        materialize(model, device, state_dict, source=str(init_from))  # type: ignore[arg-type]
+        return
     _, state_dict = load_checkpoint(init_from)  # memory-mapped where the format allows
-    state_dict = {prefix + k: v for k, v in state_dict.items() if prefix + k in own or not prefix}
+    state_dict = {prefix + k: v for k, v in state_dict.items() if prefix + k in own_names or not prefix}
     materialize(model, device, state_dict, source=str(init_from))
 
 
@@ -94,8 +104,7 @@ def build_transformer(config: LlamaConfig, init_from: str | None = None, activat
         model.to(dtype)  # on meta: no memory; the RoPE table stays float32
     model.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
-        parallelize_transformer(model, device_mesh)  # TP first (no-op at size 1): FSDP2 shards the TP shards
-        shard_transformer(model, device_mesh, param_dtype, reduce_dtype, float32_outputs=True)
+        shard_for_training(model, device_mesh, param_dtype, reduce_dtype)  # TP (if any), then FSDP2
     device = materialization_device(device_mesh)
     if init_from:
         load_initial_weights(model, init_from, device)
@@ -116,8 +125,7 @@ def build_scalar_model(config: LlamaConfig, init_from: str | None = None, activa
         model.to(dtype)
     model.trunk.activation_checkpointing = activation_checkpointing
     if device_mesh is not None:
-        parallelize_scalar_model(model, device_mesh)  # TP first (no-op at size 1)
-        shard_scalar_model(model, device_mesh, param_dtype, reduce_dtype)
+        shard_for_training(model, device_mesh, param_dtype, reduce_dtype)  # TP (if any), then FSDP2
     device = materialization_device(device_mesh)
     if init_from and is_reward_checkpoint(init_from):
         found, state_dict, _ = read_reward_checkpoint(init_from)

@@ -48,6 +48,7 @@ from llama2_lightning.rlhf.kl import sequence_kl
 from llama2_lightning.rlhf.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from llama2_lightning.rlhf.rollout import chunks, logprobs_of, sample_rollout, score_rollout, values_of
 from llama2_lightning.scalar_model import ScalarModel
+from llama2_lightning.tensor_parallel import data_parallel_rank
 from llama2_lightning.tokenizer import Tokenizer
 
 DEFAULT_OPTIMIZER = OptimizerArgs(lr=1e-6)  # paper, PPO: constant LR (no decay_steps: no decay)
@@ -345,7 +346,10 @@ class RLHFModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # 1. sample and score held-out answers with seeds fixed per batch
-        rollout = self.rollout(batch, seed=heldout_seed(self.hparams.val_seed, batch_idx, self.global_rank))
+        # seeded by the data-parallel replica, not the process: a TP group samples as one (its first
+        # rank's draw), and the held-out answers do not depend on the TP size
+        rollout = self.rollout(batch, seed=heldout_seed(self.hparams.val_seed, batch_idx,
+                                                        data_parallel_rank(self._trainer) if self._trainer else 0))
         parts = self.score(rollout)
         # 2. their KL to pi_0
         lp, mask = self.evaluate_rollout(rollout), rollout.action_mask

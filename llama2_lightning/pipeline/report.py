@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from lightning.pytorch.cli import instantiate_class
+from torch.distributed.device_mesh import DeviceMesh
 
-from llama2_lightning.checkpoint import load_checkpoint
+from llama2_lightning.checkpoint import read_config
 from llama2_lightning.data.prompts import PromptDataModule
-from llama2_lightning.model import Transformer
+from llama2_lightning.modules.common import build_transformer
 from llama2_lightning.pipeline.metrics import format_duration, last_value, read_metrics
 from llama2_lightning.pipeline.spec import MARKER, STAGE_CONFIG, Pipeline, stage_config
 from llama2_lightning.reward_functions import RewardFunction
@@ -92,14 +92,16 @@ class HeldoutAnswer:
 
 
 def answer_heldout(checkpoint: str | Path, datamodule: PromptDataModule, reward: RewardFunction,
-                   max_new_tokens: int, temperature: float = 1.0, val_seed: int = 1234) -> list[HeldoutAnswer]:
+                   max_new_tokens: int, temperature: float = 1.0, val_seed: int = 1234,
+                   device_mesh: DeviceMesh | None = None) -> list[HeldoutAnswer]:
     """Answer every held-out prompt of ``datamodule`` with the policy in ``checkpoint`` and score the
-    answers, sampling exactly as ``RLHFModule``'s validation does (same seeds per batch)."""
-    config, state_dict = load_checkpoint(checkpoint)
-    policy, tokenizer = Transformer(config), datamodule.tokenizer
-    policy.load_state_dict(state_dict, strict=True)
+    answers, sampling exactly as ``RLHFModule``'s validation does (same seeds per batch). With a
+    ``device_mesh`` (every rank calling this) the policy is laid out and loaded as training does
+    (``build_transformer``: each rank reads its slice) and decodes on its TP shards, never gathered."""
+    tokenizer = datamodule.tokenizer
+    policy = build_transformer(read_config(checkpoint), str(checkpoint), device_mesh=device_mesh)
     policy.eval()
-    reward.setup(torch.device("cpu"), tokenizer)
+    reward.setup(policy.output.weight.device, tokenizer, device_mesh)
     out: list[HeldoutAnswer] = []
     for batch_idx, batch in enumerate(datamodule.val_dataloader()):
         rollout = sample_rollout(policy, tokenizer, batch, heldout_seed(val_seed, batch_idx, rank=0),

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from paths import ROOT
 
 from llama2_lightning.commands.memory import cli_memory
+from llama2_lightning.config import LlamaConfig
+from llama2_lightning.memory_estimate import ModelSpec, fake_world, parallel_layout, shard_on_meta
+from llama2_lightning.model import Transformer
 
 GIB = 1024**3
 # Parameter counts published with the Hugging Face conversions of Meta's checkpoints (model cards /
@@ -67,3 +71,57 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 def test_every_paper_config_has_an_estimate(capsys: pytest.CaptureFixture[str], config: str) -> None:
     _, summary = run(capsys, "--config", str(ROOT / config), "--gpu-memory-gib", "80")
     assert summary["per_rank_gib"] > 0 and isinstance(summary["fits"], bool)
+
+
+def test_70b_ppo_under_tp8_x_fsdp8(capsys: pytest.CaptureFixture[str]) -> None:
+    """The config's layout (tensor_parallel_size 8 x data_parallel_size 8) read from its strategy: each
+    rank caches 1 of the 8 KV heads for the 64 prompts its replica decodes, and gathers only its TP
+    shard of the policy for the rollout."""
+    out, summary = run(capsys, "--config", str(ROOT / "configs/rlhf/llama2-70b-ppo.yaml"), "--world-size", "64",
+                       "--gpu-memory-gib", "80")
+    assert (summary["tensor_parallel_size"], summary["data_parallel_size"]) == (8, 8)
+    assert "64 ranks = TP 8 x FSDP 8" in out and summary["fits"] is True
+    # 512 prompts over 8 replicas, 3,072 + 1,024 slots, 80 layers, K and V, 1 head of 128, bf16
+    assert summary["components"]["kv_cache"] * GIB == pytest.approx(64 * 4096 * 80 * 2 * 1 * 128 * 2)
+    # the TP shard of the policy in bf16 (the replicated RMSNorms are 0.001% of it)
+    assert summary["components"]["generation_gathered_policy"] * GIB == pytest.approx(
+        PUBLISHED["llama2-70b"] * 2 / 8, rel=0.01)
+
+
+def test_a_tp_config_on_too_few_ranks_names_the_component(capsys: pytest.CaptureFixture[str]) -> None:
+    # TP 8 on one node, no data parallelism: every rank holds 1/8 of five 70B models and their Adam state
+    _, summary = run(capsys, "--config", str(ROOT / "configs/rlhf/llama2-70b-ppo.yaml"), "--world-size", "8",
+                     "--gpu-memory-gib", "80")
+    assert (summary["tensor_parallel_size"], summary["data_parallel_size"]) == (8, 1)
+    assert summary["fits"] is False and "largest component is optimizer_state" in summary["over"]
+    assert summary["models"]["policy"]["local_numel"] == pytest.approx(PUBLISHED["llama2-70b"] / 8, rel=0.01)
+
+
+def test_the_world_must_hold_whole_tensor_parallel_groups() -> None:
+    with pytest.raises(SystemExit, match=r"--world-size 12 is not a multiple of "
+                                         r"trainer.strategy.init_args.tensor_parallel_size=8"):
+        cli_memory(["--config", str(ROOT / "configs/rlhf/llama2-70b-ppo.yaml"), "--world-size", "12"])
+
+
+@pytest.mark.parametrize(("strategy", "layout"), [
+    ({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, (16, 8)),  # auto: TP over a node
+    ({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+      "init_args": {"data_parallel_size": 4, "tensor_parallel_size": 4}}, (16, 4)),
+    ("fsdp", (16, 1)),
+])
+def test_layout_is_read_as_lightning_resolves_it(strategy: object, layout: tuple[int, int]) -> None:
+    config = {"trainer": {"devices": 8, "num_nodes": 2, "strategy": strategy}}
+    assert parallel_layout(config) == layout
+
+
+def test_units_gather_only_their_tensor_parallel_shard() -> None:
+    """FSDP2 x TP on the fake 2 x 2 mesh: a block gathered over the data-parallel ranks is rank 0's TP
+    half of it (RMSNorms whole), counted from the laid-out DTensors."""
+    spec = ModelSpec("m", LlamaConfig.from_name("tiny"), True, torch.float32)
+    whole = Transformer(spec.config)
+    norms = sum(p.numel() for n, p in whole.layers[0].named_parameters() if n.endswith("norm.weight"))
+    block = sum(p.numel() for p in whole.layers[0].parameters())
+    with fake_world(4, 2) as mesh:
+        sizes = shard_on_meta(spec, mesh, torch.bfloat16)
+    assert sizes.block == (block - norms) // 2 + norms
+    assert sizes.numel == whole.num_parameters() and sizes.local < sizes.gathered < sizes.numel
