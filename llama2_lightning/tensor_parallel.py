@@ -118,8 +118,15 @@ def parallelize_transformer(model: Transformer, mesh: DeviceMesh | None) -> Tran
     dimension) and before materialising a meta-device model. A dropped LM head (a reward or value
     trunk) is left alone; the scalar head on top stays replicated (it is ``dim`` numbers)."""
     tp_mesh = tensor_parallel_mesh(mesh)
-    if tp_mesh is None:
-        return model
+    return model if tp_mesh is None else apply_tensor_parallel(model, tp_mesh)
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> Transformer:
+    """The plan of :func:`parallelize_transformer` on a 1-D tensor-parallel mesh, in place, at any size.
+
+    Training never calls it at size 1 (the plain path is the same computation without DTensor
+    dispatch); ``benchmarks/bench_tensor_parallel.py`` does, to measure what the TP code path costs on
+    one GPU against the plain path."""
     tp = tp_mesh.size()
     has_lm_head = isinstance(model.output, nn.Linear)
     check_tensor_parallel(model.config, tp)

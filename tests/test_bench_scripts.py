@@ -38,7 +38,7 @@ def _check_ratio_rows(table: str, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["bench_train", "bench_generate", "bench_best_of_k", "bench_mfu", "bench_memory",
-                                  "bench_ppo", "bench_real_model"])
+                                  "bench_ppo", "bench_real_model", "bench_tensor_parallel"])
 def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load(name)
     with pytest.raises(SystemExit) as ok:
@@ -151,3 +151,12 @@ def test_bench_real_model_quick(tmp_path: Path) -> None:
     result = _load("bench_real_model").main([str(tmp_path), "--quick"])
     _check_ratio_rows(result["table"], ["greedy generation, batch 1"])
     assert result["tokens_identical"] == {1: True}
+
+
+def test_bench_tensor_parallel_quick() -> None:
+    result = _load("bench_tensor_parallel").main(["--quick"])
+    # the TP plan on a 1-rank mesh is the same computation as the plain model: identical numbers
+    assert result["logits_max_diff"] < 1e-6
+    assert result["loss"][0] == pytest.approx(result["loss"][1], abs=1e-6)
+    assert result["same_tokens"]
+    _check_ratio_rows(result["table"], ["training step float32", "decode, batch 2"])
