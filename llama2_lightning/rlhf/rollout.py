@@ -25,9 +25,12 @@ from llama2_lightning.tokenizer import Tokenizer
 @torch.no_grad()
 def sample_rollout(policy: Transformer, tokenizer: Tokenizer, batch: dict[str, Any], seed: int, *,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
-                   num_samples: int = 1, compile: bool = False) -> Rollout:
+                   num_samples: int = 1, compile: bool = False, batch_size: int | None = None) -> Rollout:
     """``num_samples`` answers per prompt of ``batch`` (a ``PromptDataModule`` batch), each prompt's
-    samples consecutive (row ``i * num_samples + k``), laid out as ``Rollout`` documents."""
+    samples consecutive (row ``i * num_samples + k``), laid out as ``Rollout`` documents.
+
+    ``batch_size``: sequences decoded at once (``generate``'s micro-batch, which bounds the KV cache),
+    rounded down to whole prompts of ``num_samples`` rows, at least one prompt; ``None``: all at once."""
     prompts = [list(p) for p in batch["prompt_ids"]]
     prompt_ids = [p for p in prompts for _ in range(num_samples)]
     longest = max(len(p) for p in prompt_ids)
@@ -42,7 +45,7 @@ def sample_rollout(policy: Transformer, tokenizer: Tokenizer, batch: dict[str, A
         # Each prompt prefilled once, its cache copied to its num_samples rows (prefix reuse).
         out = generate(policy, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=int(seed), num_samples=num_samples,
-                       compile=compile)
+                       compile=compile, batch_size=None if batch_size is None else max(1, batch_size // num_samples))
     answer_ids = out.as_lists()
     B, device = len(prompt_ids), policy.output.weight.device
     T = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
