@@ -239,13 +239,14 @@ class RLHFModule(L.LightningModule):
         generation (KV-cache decoding rounds differently), so PPO's first ratio is exactly 1."""
         assert self.model is not None and self.ref_model is not None
         lengths, chunk = rollout.lengths, self.hparams.micro_batch_size or self.hparams.minibatch_size
+        group = data_parallel_group(self._trainer)  # ranks with fewer rows still join every sharded forward
         was_training = self.model.training
         self.model.eval()
         try:
-            out = {"logprobs": logprobs_of(self.model, rollout.tokens, lengths, chunk),
-                   "ref_logprobs": logprobs_of(self.ref_model, rollout.tokens, lengths, chunk)}
+            out = {"logprobs": logprobs_of(self.model, rollout.tokens, lengths, chunk, group),
+                   "ref_logprobs": logprobs_of(self.ref_model, rollout.tokens, lengths, chunk, group)}
             if self.value_model is not None:
-                out["values"] = values_of(self.value_model, rollout.tokens, lengths, chunk)
+                out["values"] = values_of(self.value_model, rollout.tokens, lengths, chunk, group)
         finally:
             self.model.train(was_training)
         return out
