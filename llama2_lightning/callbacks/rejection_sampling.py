@@ -178,10 +178,7 @@ def pool_state_from_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"pool_from={str(path)!r}: no such checkpoint (the previous rejection-sampling "
                                 "round's checkpoints/last.ckpt: a file, or a directory when sharded)")
-    try:
-        ckpt = read_checkpoint_state(path)  # errors name the file: empty, truncated, foreign
-    except ValueError as err:
-        raise ValueError(f"pool_from={str(path)!r}: {err}") from None
+    ckpt = read_checkpoint_state(path)  # errors name the path: empty, truncated, foreign, crafted
     states = [v for k, v in (ckpt.get("callbacks") or {}).items()
               if str(k).startswith(RejectionSamplingCallback.__name__)]
     if len(states) != 1:

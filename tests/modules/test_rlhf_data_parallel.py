@@ -116,7 +116,7 @@ def test_pool_from_reads_a_sharded_directory_and_names_what_is_wrong(tmp_path: P
     with pytest.raises(FileNotFoundError, match=r"pool_from='.*nowhere.ckpt': no such checkpoint"):
         pool_state_from_checkpoint(tmp_path / "nowhere.ckpt")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match=r"pool_from='.*plain'.*not a sharded Lightning checkpoint .*meta.pt"):
+    with pytest.raises(ValueError, match=r"plain is a directory but not a sharded Lightning checkpoint .*meta.pt"):
         pool_state_from_checkpoint(tmp_path / "plain")
     other = _sharded_dir(tmp_path / "ppo.ckpt", {"PPOCallback": {"iteration": 1}})
     with pytest.raises(ValueError, match=r"expected one RejectionSamplingCallback state .* found 0"):
