@@ -214,7 +214,9 @@ def _rlhf_plan(plan: StagePlan, cfg: LlamaConfig, args: dict[str, Any], data: di
     # the ranks of a tensor-parallel group decode the same prompts together: one share per replica
     prompts_per_rank = max(1, math.ceil(int(data.get("batch_size", 1)) / plan.data_parallel_size))
     chunk = args.get("rollout_batch_size")
-    plan.generation_rows = prompts_per_rank * k if chunk is None else min(int(chunk), prompts_per_rank * k)
+    # as RLHFModule decodes: rollout_batch_size rows rounded down to whole prompts of K rows, at least one
+    prompts_at_once = prompts_per_rank if chunk is None else min(prompts_per_rank, max(1, int(chunk) // k))
+    plan.generation_rows = prompts_at_once * k
     plan.generation_seq = int(data.get("max_prompt_len", 1024)) + int(args.get("max_new_tokens", 64))
     plan.notes.append(f"rollout: {prompts_per_rank} prompts per replica x K={k}, decoded {plan.generation_rows} "
                       f"rows at a time" + (" (set model.init_args.rollout_batch_size to bound it)"

@@ -32,7 +32,7 @@ from llama2_lightning.chat import Message, encode_side, truncate_pair
 from llama2_lightning.checkpoint.hf import (
     hf_to_ours_key, read_hf_weights, rotary_heads, rotary_hf_to_meta, save_hf_sequence_classification,
 )
-from llama2_lightning.checkpoint.lightning import consolidate_sharded
+from llama2_lightning.checkpoint.lightning import consolidate_sharded, read_checkpoint_state
 from llama2_lightning.checkpoint.load import detect_format
 from llama2_lightning.checkpoint.safe_load import safe_torch_load
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict, expected_shapes
@@ -77,10 +77,9 @@ def is_reward_checkpoint(path: str | os.PathLike[str]) -> bool:
         return _is_hf_sequence_classifier(path)
     if fmt != "lightning":
         return False
-    # mmap'd, weights_only: the tensors are not read, only the dict's structure.
-    meta = safe_torch_load(path / "meta.pt" if path.is_dir() else path)
-    if not isinstance(meta, Mapping):
-        return False
+    # mmap'd, weights_only: the tensors are not read, only the dict's structure (a sharded directory's
+    # meta.pt holds no state_dict; RewardModule's "reward_model" entry is there in both layouts).
+    meta = read_checkpoint_state(path)
     return "reward_model" in meta or _HEAD_KEY in (meta.get("state_dict") or {})
 
 

@@ -41,6 +41,7 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.model import Transformer
 
 TP_DIM = "tensor_parallel"
+DP_DIM = "data_parallel"
 
 
 def tensor_parallel_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
@@ -172,6 +173,26 @@ def data_parallel_size(trainer: Any) -> int:
     """The number of data-parallel replicas: the world size without tensor parallelism."""
     kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
     return int(kwargs.get("num_replicas", trainer.world_size))
+
+
+def data_parallel_group(trainer: Any) -> Any:
+    """The process group over which statistics of the global batch are reduced: the data-parallel
+    sub-mesh's group of a ``(data_parallel, tensor_parallel)`` mesh (the ranks of one TP group hold the
+    same rows, so reducing over every rank would count them tp times), else ``None``, the default
+    group, where every rank is a replica (DDP, FSDP without a mesh, no trainer)."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    try:
+        mesh = getattr(strategy, "device_mesh", None)
+    except RuntimeError:  # Lightning's ModelParallelStrategy before its processes exist
+        mesh = None
+    if not isinstance(mesh, DeviceMesh):
+        return None
+    names = mesh.mesh_dim_names or ()
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if DP_DIM not in names:
+        raise ValueError(f"the device mesh has dimensions {names}; expected one named {DP_DIM!r}")
+    return mesh[DP_DIM].get_group()
 
 
 def is_tensor_parallel(model: nn.Module) -> bool:

@@ -6,9 +6,12 @@ the clipped PPO steps on it. beta is fixed (paper: 0.01 for 7B/13B, 0.005 for 34
 ``adaptive_kl``, steered towards a target KL (Ziegler et al. 2019). Rewards are whitened over the
 rollout whatever the reward function is, so the same callback serves rule rewards and reward models.
 
-Distributed: each data-parallel rank makes experience from its share of the prompts and whitens
-over its own share (statistics are not all-reduced; with the paper's 512 prompts a rank still has
-64 or more). Held-out evaluation and early stopping are not this callback's job:
+Distributed: each data-parallel rank makes experience from its share of the prompts, but every
+statistic is over the whole data-parallel batch (the paper's 512 prompts, not a rank's 8 or 64):
+rewards and advantages are whitened with the global mean and variance, the logged reward, KL and
+lengths are global means, and the adaptive controller follows the global KL, so every rank keeps the
+same beta (``rlhf/global_stats.py``: sums and counts all-reduced over the data-parallel group only;
+the ranks of a tensor-parallel group hold the same rows). Held-out evaluation and early stopping are not this callback's job:
 ``RLHFModule.validation_step`` logs ``val/reward`` and ``val/kl``, and Lightning's ``EarlyStopping``
 (``monitor: val/reward``, ``mode: max``) stops on them.
 
@@ -18,19 +21,23 @@ order, and the KL controller's beta, so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from llama2_lightning.rlhf.advantages import gae
 from llama2_lightning.rlhf.experience import ExperienceCallback, PPOExperience, RolloutSource, iteration_seed
 from llama2_lightning.rlhf.kl import KLKind, sequence_kl
 from llama2_lightning.rlhf.kl_control import AdaptiveKLController, FixedKLController
-from llama2_lightning.rlhf.masking import masked_mean, masked_whiten
-from llama2_lightning.rlhf.reward_shaping import per_token_rewards, whiten_rewards
-from llama2_lightning.tensor_parallel import data_parallel_rank
+from llama2_lightning.rlhf.global_stats import (
+    global_masked_moments, global_masked_whiten, global_means, global_whiten_rewards,
+)
+from llama2_lightning.rlhf.reward_shaping import per_token_rewards
+from llama2_lightning.tensor_parallel import data_parallel_group, data_parallel_rank
 
 
 class PPOCallback(ExperienceCallback):
@@ -43,10 +50,10 @@ class PPOCallback(ExperienceCallback):
             controller; ``None`` (the paper) keeps beta fixed.
         kl_estimator: per-token KL inside the reward: ``k1`` (unbiased; the paper's sum) or ``abs``,
             ``mse``, ``k3`` (see ``rlhf.kl_penalty``).
-        whiten_rewards: WHITEN the sequence rewards over the rollout (paper: yes).
+        whiten_rewards: WHITEN the sequence rewards over the iteration's rollouts, all ranks' (paper: yes).
         gamma / lam: GAE discount and lambda (the paper does not state them; 1.0 and 0.95 are the
             usual choice for a single-episode response).
-        whiten_advantages: standardise the advantages over the rollout's answer tokens.
+        whiten_advantages: standardise the advantages over the iteration's answer tokens, all ranks'.
         seed: base of the rollout sampling and minibatch seeds.
     """
 
@@ -86,37 +93,41 @@ class PPOCallback(ExperienceCallback):
         ev = module.evaluate_rollout(rollout)
         t2 = time.perf_counter()
         # 4. the per-token reward: WHITEN(reward) on each answer's last token - beta * KL_t on every answer
-        #    token; summed over an answer it is the paper's R = WHITEN(LOGIT(R_c)) - beta * KL(pi_theta || pi_0)
-        seq_reward = whiten_rewards(reward) if self.whiten_rewards and reward.numel() > 1 else reward
+        #    token; summed over an answer it is the paper's R = WHITEN(LOGIT(R_c)) - beta * KL(pi_theta || pi_0).
+        #    WHITEN's mean and variance are those of every data-parallel rank's rollouts together.
+        group = data_parallel_group(trainer)
+        reward_mean, reward_var, n_rows = global_masked_moments(reward, torch.ones_like(reward, dtype=torch.bool),
+                                                                group)
+        seq_reward = global_whiten_rewards(reward, group=group) if self.whiten_rewards and n_rows > 1 else reward
         beta = self.kl_controller.beta
         rewards = per_token_rewards(seq_reward, ev["logprobs"], ev["ref_logprobs"], mask, beta,
                                     self.kl_estimator)  # (B, T - 1)
-        # 5. advantages and value targets by GAE, the advantages whitened over the answer tokens
+        # 5. advantages and value targets by GAE, the advantages whitened over every rank's answer tokens
         advantages, returns = gae(rewards, ev["values"], mask, self.gamma, self.lam)
-        advantage_mean = float(masked_mean(advantages, mask))  # before whitening: is the policy beating V?
-        if self.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        # 6. beta follows the KL of the rollout just taken, counted in samples (Ziegler et al.)
         kl = sequence_kl(ev["logprobs"], ev["ref_logprobs"], mask)  # (B,) nats
         kl_k3 = sequence_kl(ev["logprobs"], ev["ref_logprobs"], mask, "k3")  # (B,)
-        self.kl_controller.update(float(kl.mean()), n_steps=int(mask.size(0)))
+        eos = torch.tensor([bool(a) and a[-1] == module.tokenizer.eos_id for a in rollout.answer_ids],
+                           dtype=torch.float32, device=reward.device)  # (B,)
+        token_mask = {"advantage_mean": mask, "return_mean": mask}
+        means = global_means({"kl": kl, "kl_k3": kl_k3, "response_length": rollout.answer_lengths.float(),
+                              "eos_fraction": eos,
+                              "advantage_mean": advantages,  # before whitening: is the policy beating V?
+                              "return_mean": returns,
+                              **{f"reward_{k}": v for k, v in parts.items() if k != "reward"}}, group, token_mask)
+        if self.whiten_advantages:
+            advantages = global_masked_whiten(advantages, mask, group=group)
+        # 6. beta follows the KL of the rollout just taken (all ranks'), counted in samples (Ziegler et al.)
+        self.kl_controller.update(means["kl"], n_steps=n_rows)
 
         stats = {
-            "reward": float(reward.mean()),
-            "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
-            "kl": float(kl.mean()),
-            "kl_k3": float(kl_k3.mean()),
+            "reward": float(reward_mean),
+            "reward_std": math.sqrt(float(reward_var)),
             "beta": beta,
-            "kl_penalty": float(beta * kl.mean()),
-            "response_length": float(rollout.answer_lengths.float().mean()),
-            "eos_fraction": float(sum(bool(a) and a[-1] == module.tokenizer.eos_id for a in rollout.answer_ids)
-                                  / len(rollout.answer_ids)),
-            "advantage_mean": advantage_mean,
-            "return_mean": float(masked_mean(returns, mask)),
+            "kl_penalty": beta * means["kl"],
             "iteration": float(self.iteration),
             "time/generation_s": t1 - t0,
             "time/scoring_s": t2 - t1,
-            **{f"reward_{k}": float(v.mean()) for k, v in parts.items() if k != "reward"},
+            **means,
         }
         return PPOExperience(tokens=rollout.tokens, lengths=rollout.lengths, action_mask=mask,
                              old_logprobs=ev["logprobs"], old_values=ev["values"], rewards=rewards,

@@ -17,8 +17,12 @@ the pool keeps the best answers of *all* earlier rounds. Set the prompt data's `
 the iterations already done so the new round draws new prompts. Resuming a killed run
 (``--ckpt_path``) restores its own state instead.
 
-Distributed: every rank's new best answers are gathered, so all ranks hold the same pool and each
-trains on a strided share of it. State (``state_dict``): the round counter (it seeds sampling and the
+Distributed: every data-parallel replica's new best answers are gathered (over the data-parallel
+group only: the ranks of a tensor-parallel group hold the same rows), so all ranks hold the same pool
+and each trains on a strided share of it (``train_on: round``: of every replica's prompts of this
+round). The shares can differ by a row; ``RLHFModule`` gives every rank the same number of
+micro-batches and optimiser steps (padding batches weigh 0), so no rank waits in a collective the
+others never join. The logged reward and lengths are means over every replica's rollouts. State (``state_dict``): the round counter (it seeds sampling and the
 minibatch order) and the pool, so a resumed run continues with the same pool.
 """
 
@@ -31,9 +35,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from llama2_lightning.checkpoint.safe_load import require_mapping, safe_torch_load
-from llama2_lightning.tensor_parallel import data_parallel_rank, data_parallel_size
+from llama2_lightning.checkpoint.lightning import read_checkpoint_state
+from llama2_lightning.losses import IGNORE_INDEX
 from llama2_lightning.rlhf.experience import ExperienceCallback, RolloutSource, SFTExperience, iteration_seed
+from llama2_lightning.rlhf.global_stats import global_means
+from llama2_lightning.tensor_parallel import data_parallel_group, data_parallel_rank, data_parallel_size
 
 
 class RejectionSamplingCallback(ExperienceCallback):
@@ -46,10 +52,11 @@ class RejectionSamplingCallback(ExperienceCallback):
         temperature / temperature_increment / max_temperature: the round-r temperature
             ``min(temperature + r * temperature_increment, max_temperature)``.
         train_on: ``"pool"`` fine-tunes on every prompt's best answer so far (paper's fix);
-            ``"round"`` only on this round's prompts, still each with its best answer over all rounds.
+            ``"round"`` only on this round's prompts (every replica's), each with its best answer over all rounds.
         seed: base of the sampling and minibatch seeds.
-        pool_from: a previous rejection-sampling run's Lightning checkpoint (a ``.ckpt`` file): this
-            run starts with its pool and round counter (module docstring, "Rounds").
+        pool_from: a previous rejection-sampling run's Lightning checkpoint (a ``.ckpt`` file or a sharded
+            checkpoint directory): this run starts with its pool and round counter (module docstring,
+            "Rounds").
     """
 
     def __init__(self, num_samples: int = 4, temperatures: list[float] | None = None, temperature: float = 1.0,
@@ -81,11 +88,13 @@ class RejectionSamplingCallback(ExperienceCallback):
         t = self.temperature + round_ * self.temperature_increment
         return float(min(t, self.max_temperature) if self.max_temperature is not None else t)
 
-    def _gather(self, entries: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    @staticmethod
+    def _gather(entries: list[tuple[int, dict[str, Any]]], group: Any = None) -> list[tuple[int, dict[str, Any]]]:
+        """Every data-parallel replica's ``entries``, in rank order (``group``: the data-parallel group)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return entries
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, entries)
+        gathered: list[Any] = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(gathered, entries, group=group)
         return [e for part in gathered for e in part]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -110,9 +119,11 @@ class RejectionSamplingCallback(ExperienceCallback):
             new.append((int(batch["index"][i]), {"prompt_ids": list(rollout.prompt_ids[row]),
                                                  "answer_ids": list(rollout.answer_ids[row]),
                                                  "reward": float(reward[i, k]), "round": self.round}))
-        # 3. pool: per prompt, the best answer over every round so far (all ranks' new bests)
+        # 3. pool: per prompt, the best answer over every round so far (every replica's new bests)
+        group = data_parallel_group(trainer)
+        everyone = self._gather(new, group)
         improved = 0
-        for index, entry in self._gather(new):
+        for index, entry in everyone:
             old = self.pool.get(index)
             if old is not None and old["prompt_ids"] != entry["prompt_ids"]:
                 raise ValueError(f"rejection-sampling pool entry {index} holds another prompt than the data's prompt "
@@ -120,25 +131,32 @@ class RejectionSamplingCallback(ExperienceCallback):
             if old is None or entry["reward"] > old["reward"]:
                 improved += old is not None
                 self.pool[index] = entry
-        # 4. this rank's strided share of the pool (or of this round's prompts) as SFT samples
-        keys = sorted(self.pool) if self.train_on == "pool" else sorted({i for i, _ in new})
-        # one share per data-parallel replica: the ranks of a tensor-parallel group train on the same one
-        keys = keys[data_parallel_rank(trainer)::data_parallel_size(trainer)] or keys[:1]
-        chosen = [self.pool[k] for k in keys]
+        # 4. this rank's strided share of the pool (or of this round's prompts, every replica's) as SFT samples;
+        #    one share per data-parallel replica: the ranks of a tensor-parallel group train on the same one
+        keys = sorted(self.pool) if self.train_on == "pool" else sorted({i for i, _ in everyone})
+        share = keys[data_parallel_rank(trainer)::data_parallel_size(trainer)]
+        # more replicas than prompts: this rank still runs the others' forward/backward calls, on a row
+        # that weighs nothing (its labels are cleared below)
+        chosen = [self.pool[k] for k in share or keys[:1]]
+        means = global_means({"reward": reward,  # all K samples: the policy's own average
+                              "reward_best_of_k": reward.max(dim=1).values,
+                              "response_length": rollout.answer_lengths.float()}, group)
         stats = {
-            "reward": float(reward.mean()),  # all K samples: the policy's own average
-            "reward_best_of_k": float(reward.max(dim=1).values.mean()),
+            **means,
             "reward_pool": sum(e["reward"] for e in self.pool.values()) / len(self.pool),
             "pool_size": float(len(self.pool)),
             "pool_improved": float(improved),
+            "train_rows": float(len(keys)),
             "temperature": temperature,
-            "response_length": float(rollout.answer_lengths.float().mean()),
             "round": float(self.round),
             "time/generation_s": t1 - t0,
             "time/scoring_s": t2 - t1,
         }
-        return SFTExperience.from_pairs([e["prompt_ids"] for e in chosen], [e["answer_ids"] for e in chosen],
-                                        module.tokenizer.pad_id, seed=seed, stats=stats)
+        exp = SFTExperience.from_pairs([e["prompt_ids"] for e in chosen], [e["answer_ids"] for e in chosen],
+                                       module.tokenizer.pad_id, seed=seed, stats=stats)
+        if not share:
+            exp.labels.fill_(IGNORE_INDEX)
+        return exp
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -154,13 +172,15 @@ class RejectionSamplingCallback(ExperienceCallback):
 
 
 def pool_state_from_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The ``RejectionSamplingCallback`` state (round counter and pool) saved in a Lightning checkpoint."""
+    """The ``RejectionSamplingCallback`` state (round counter and pool) saved in a Lightning checkpoint:
+    a ``.ckpt`` file or a sharded directory (``ModelParallelStrategy``; the state is in its ``meta.pt``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pool_from={str(path)!r}: no such checkpoint file (the previous rejection-sampling "
-                                "round's checkpoints/last.ckpt)")
-    ckpt = require_mapping(safe_torch_load(path), path)  # errors name the file: empty, truncated, foreign
-    states = [v for k, v in ckpt.get("callbacks", {}).items() if str(k).startswith(RejectionSamplingCallback.__name__)]
+    if not path.exists():
+        raise FileNotFoundError(f"pool_from={str(path)!r}: no such checkpoint (the previous rejection-sampling "
+                                "round's checkpoints/last.ckpt: a file, or a directory when sharded)")
+    ckpt = read_checkpoint_state(path)  # errors name the path: empty, truncated, foreign, crafted
+    states = [v for k, v in (ckpt.get("callbacks") or {}).items()
+              if str(k).startswith(RejectionSamplingCallback.__name__)]
     if len(states) != 1:
         raise ValueError(f"pool_from={str(path)!r}: expected one {RejectionSamplingCallback.__name__} state in the "
                          f"checkpoint's callbacks, found {len(states)} (was it written by a rejection-sampling run?)")

@@ -76,6 +76,24 @@ def consolidate_sharded(path: Path) -> dict[str, object]:
     return ckpt
 
 
+def read_checkpoint_state(path: str | os.PathLike[str]) -> Mapping:
+    """The non-tensor state of a Lightning checkpoint (callbacks, loops, hyperparameters, configs)
+    without reading its weights: a ``.ckpt`` file (mmap'd), or the ``meta.pt`` of a sharded directory
+    written by ``ModelParallelStrategy``, whose tensors sit in DCP shards beside it. Loaded safely
+    (:mod:`.safe_load`); errors name the path and what was expected."""
+    path = Path(path)
+    if path.is_dir():
+        meta = path / "meta.pt"
+        if not (path / METADATA_FILE).is_file() or not meta.is_file():
+            raise ValueError(f"{path} is a directory but not a sharded Lightning checkpoint (expected "
+                             f"{METADATA_FILE} and meta.pt in it)")
+        read_dcp_metadata(path)  # refuses a crafted directory before anything else in it is read
+        return require_mapping(safe_torch_load(meta), meta)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a .ckpt file or a sharded checkpoint directory)")
+    return require_mapping(safe_torch_load(path), path)
+
+
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     """Why a Lightning checkpoint (file or sharded directory) cannot be resumed from, or None when it
     reads: the cheap part of a load (mmap'd; the tensors are not read)."""

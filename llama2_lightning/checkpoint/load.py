@@ -13,10 +13,9 @@ from torch import Tensor
 
 from llama2_lightning.checkpoint.gguf import load_gguf, read_gguf_config, save_gguf
 from llama2_lightning.checkpoint.hf import load_hf, save_hf
-from llama2_lightning.checkpoint.lightning import load_lightning, save_lightning
+from llama2_lightning.checkpoint.lightning import load_lightning, read_checkpoint_state, save_lightning
 from llama2_lightning.checkpoint.meta import load_meta, save_meta
 from llama2_lightning.checkpoint.meta_shards import read_meta_config
-from llama2_lightning.checkpoint.safe_load import read_dcp_metadata, require_mapping, safe_torch_load
 from llama2_lightning.checkpoint.state_dict import StateDict, check_state_dict
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.model import Transformer
@@ -59,9 +58,7 @@ def read_config(path: str | os.PathLike[str], fmt: str | None = None) -> LlamaCo
             return LlamaConfig.from_meta_params(path / "params.json")
         return read_meta_config(path)  # the vocabulary size is only in the embedding's shape
     if fmt == "lightning":
-        if path.is_dir():
-            read_dcp_metadata(path)  # refuses a crafted directory before anything else in it is read
-        meta = require_mapping(safe_torch_load(path / "meta.pt" if path.is_dir() else path), path)
+        meta = read_checkpoint_state(path)  # a .ckpt, or a sharded directory's meta.pt (no tensors read)
         if not isinstance(meta.get("llama_config"), Mapping):
             raise ValueError(f"{path}: Lightning checkpoint has no 'llama_config' dict")
         return LlamaConfig.from_dict(dict(meta["llama_config"]))

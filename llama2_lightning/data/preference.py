@@ -29,13 +29,17 @@ Held-out split
     occurs in validation is removed from training. The held-out set is never reweighted.
 
 Mixing (training split only)
-    The first source is the *primary* and is used whole, once. ``weight`` is a source's share of the
-    mixture relative to the primary's weight: a weighted source contributes
-    ``round(N_primary * weight / weight_primary)`` training pairs, a seeded sample without
-    replacement, or whole repeats plus a seeded remainder when it has fewer pairs than that. A source
-    without a weight is used whole, once; weight 0 keeps a source for validation only. Examples:
+    ``weight`` is a source's fraction of the *whole* training mixture; a source without a weight is
+    used whole, once, and weight 0 keeps a source for validation only. The weighted sources fill their
+    fractions around the whole ones: with whole sources present the weights must sum to less than 1,
+    and the mixture has ``sum(whole sources' pairs) / (1 - sum(weights))`` pairs; when every source is
+    weighted, the weights are normalised to sum to 1 and the first source is used whole, once (it sets
+    the size). A weighted source contributes ``round(total * fraction)`` pairs, a seeded sample without
+    replacement, or whole repeats plus a seeded remainder when it has fewer pairs than that. Examples:
 
-    * safety RM, 90% safety / 10% helpfulness: ``[{safety, weight: 0.9}, {helpful, weight: 0.1}]``;
+    * safety RM, the paper's 90% safety (Meta Safety and Anthropic Harmless, both whole) / 10%
+      helpfulness: ``[{meta_safety}, {harmless}, {meta_helpful, weight: 0.05}, {open_helpful, weight: 0.05}]``;
+    * the same with one safety source: ``[{safety, weight: 0.9}, {helpful, weight: 0.1}]``;
     * helpfulness RM, all helpfulness data plus an equal amount split between safety and open data:
       ``[{helpful, weight: 0.5}, {safety, weight: 0.25}, {open, weight: 0.25}]``;
     * plain concatenation: no weights.
@@ -143,14 +147,31 @@ def collate_preference_pairs(samples: Sequence[Mapping[str, Any]], pad_id: int) 
 
 
 def mixture_counts(train_sizes: Sequence[int], weights: Sequence[float | None]) -> list[int]:
-    """Training pairs drawn from each source (module docstring, "Mixing"). Source 0 is the primary."""
-    w0 = 1.0 if weights[0] is None else weights[0]
-    if w0 <= 0:
-        raise ValueError("sources[0].weight must be > 0: the primary source is used whole and sets the scale")
-    counts = [train_sizes[0]]
-    for n, w in zip(train_sizes[1:], weights[1:]):
-        counts.append(n if w is None else int(round(train_sizes[0] * w / w0)))
-    return counts
+    """Training pairs drawn from each source: ``weights`` are fractions of the whole mixture, ``None``
+    uses a source whole, 0 none of it (module docstring, "Mixing")."""
+    weighted = [i for i, w in enumerate(weights) if w]
+    whole = [i for i, w in enumerate(weights) if w is None]
+    if not weighted:
+        return [n if w is None else 0 for n, w in zip(train_sizes, weights)]
+    total_weight = sum(weights[i] for i in weighted)
+    if whole:
+        if total_weight >= 1:
+            raise ValueError(f"sources {weighted} have weights summing to {total_weight:g}, but sources {whole} are "
+                             "used whole (no weight): a weight is a fraction of the whole mixture, so beside whole "
+                             "sources the weights must sum to less than 1")
+        total = sum(train_sizes[j] for j in whole) / (1 - total_weight)
+        if total == 0:
+            raise ValueError(f"sources {whole} are used whole but have no training pairs, and the weighted "
+                             f"sources {weighted} are fractions of the mixture they set the size of")
+        fraction = {i: weights[i] for i in weighted}
+    else:
+        if not weights[0]:
+            raise ValueError("sources[0].weight must be > 0: when every source is weighted, the primary source is "
+                             "used whole and sets the size of the mixture")
+        fraction = {i: weights[i] / total_weight for i in weighted}
+        total = train_sizes[0] / fraction[0]
+    return [n if w is None else (int(round(total * fraction[i])) if i in fraction else 0)
+            for i, (n, w) in enumerate(zip(train_sizes, weights))]
 
 
 def sample_indices(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -191,7 +212,8 @@ class PreferenceDataModule(SourcedDataModule):
 
     Args:
         sources: training sources, ``[{path, format: pairs|hh, weight, is_safety, name, limit}]``;
-            the first is the primary. ``is_safety`` is the default for records that carry none.
+            ``weight`` is a fraction of the whole mixture, none: the source whole ("Mixing" above).
+            ``is_safety`` is the default for records that carry none.
         tokenizer_path: SentencePiece ``tokenizer.model``, Hugging Face ``tokenizer.json``, a ``.gguf``
             or a directory holding one.
         max_seq_len: longest sequence (either side of a pair), in tokens.

@@ -44,11 +44,12 @@ from llama2_lightning.reward_functions import FrozenDType, RewardFunction
 from llama2_lightning.rlhf.experience import (
     ExperienceCallback, PPOExperience, Rollout, SFTExperience, heldout_seed, token_logprobs,
 )
+from llama2_lightning.rlhf.global_stats import lockstep_batches, sum_over_ranks
 from llama2_lightning.rlhf.kl import sequence_kl
 from llama2_lightning.rlhf.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from llama2_lightning.rlhf.rollout import chunks, logprobs_of, sample_rollout, score_rollout, values_of
 from llama2_lightning.scalar_model import ScalarModel
-from llama2_lightning.tensor_parallel import data_parallel_rank
+from llama2_lightning.tensor_parallel import data_parallel_group, data_parallel_rank
 from llama2_lightning.tokenizer import Tokenizer
 
 DEFAULT_OPTIMIZER = OptimizerArgs(lr=1e-6)  # paper, PPO: constant LR (no decay_steps: no decay)
@@ -71,6 +72,9 @@ class RLHFModule(L.LightningModule):
         compile_rollouts: sample with ``generate(compile=True)``: on CUDA one CUDA graph per decode step
             (6-10x eager for a 1B model on an H200, ``benchmarks/README.md``); on CPU rebuilt after every
             update. Needs an unsharded policy.
+        rollout_batch_size: sequences decoded at once per rank (prompts x samples per prompt, rounded
+            down to whole prompts, at least one prompt's samples), which bounds the KV cache; ``None``:
+            every prompt of the rank's batch at once. The ``memory`` command reads it.
         optimizer: AdamW for the policy (paper, PPO: lr 1e-6 constant, 0.9/0.95, eps 1e-5, wd 0.1).
         value_lr: the value model's peak learning rate (default ``optimizer.lr``).
         grad_clip: gradient-norm clip, applied to policy and value model separately (paper: 1.0).
@@ -97,6 +101,7 @@ class RLHFModule(L.LightningModule):
         top_p: float = 1.0,
         top_k: int | None = None,
         compile_rollouts: bool = False,
+        rollout_batch_size: int | None = None,
         optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
         value_lr: float | None = None,
         grad_clip: float | None = 1.0,
@@ -120,9 +125,10 @@ class RLHFModule(L.LightningModule):
             raise ValueError(f"frozen_dtype {frozen_dtype!r}; allowed: float32, bfloat16, float16 or null")
         for name, value in (("max_new_tokens", max_new_tokens), ("minibatch_size", minibatch_size),
                             ("micro_batch_size", 1 if micro_batch_size is None else micro_batch_size),
+                            ("rollout_batch_size", 1 if rollout_batch_size is None else rollout_batch_size),
                             ("ppo_epochs", ppo_epochs), ("sft_epochs", sft_epochs)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1 (micro_batch_size: or null), got {value}")
+                raise ValueError(f"{name} must be >= 1 (micro_batch_size, rollout_batch_size: or null), got {value}")
         # The reward object stays out of hparams: checkpoints are loaded with weights_only=True and must
         # hold plain data only (the CLI's config.yaml still records it).
         self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding,
@@ -215,7 +221,8 @@ class RLHFModule(L.LightningModule):
         hp = self.hparams
         return sample_rollout(self.model, self.tokenizer, batch, seed, max_new_tokens=hp.max_new_tokens,
                               temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
-                              top_k=hp.top_k, num_samples=num_samples, compile=hp.compile_rollouts)
+                              top_k=hp.top_k, num_samples=num_samples, compile=hp.compile_rollouts,
+                              batch_size=hp.get("rollout_batch_size"))
 
     def score(self, rollout: Rollout) -> dict[str, Tensor]:
         """The reward function's ``{"reward": (B,), parts...}`` for a rollout, checked."""
@@ -232,13 +239,14 @@ class RLHFModule(L.LightningModule):
         generation (KV-cache decoding rounds differently), so PPO's first ratio is exactly 1."""
         assert self.model is not None and self.ref_model is not None
         lengths, chunk = rollout.lengths, self.hparams.micro_batch_size or self.hparams.minibatch_size
+        group = data_parallel_group(self._trainer)  # ranks with fewer rows still join every sharded forward
         was_training = self.model.training
         self.model.eval()
         try:
-            out = {"logprobs": logprobs_of(self.model, rollout.tokens, lengths, chunk),
-                   "ref_logprobs": logprobs_of(self.ref_model, rollout.tokens, lengths, chunk)}
+            out = {"logprobs": logprobs_of(self.model, rollout.tokens, lengths, chunk, group),
+                   "ref_logprobs": logprobs_of(self.ref_model, rollout.tokens, lengths, chunk, group)}
             if self.value_model is not None:
-                out["values"] = values_of(self.value_model, rollout.tokens, lengths, chunk)
+                out["values"] = values_of(self.value_model, rollout.tokens, lengths, chunk, group)
         finally:
             self.model.train(was_training)
         return out
@@ -252,7 +260,8 @@ class RLHFModule(L.LightningModule):
         start = time.perf_counter()
         stats = self.ppo_update(exp) if isinstance(exp, PPOExperience) else self.sft_update(exp)
         stats["time/optimisation_s"] = time.perf_counter() - start
-        # 3. log: per-rank numbers (each rank optimised on its own prompts), averaged over ranks
+        # 3. log, averaged over ranks: the experience's stats are already global means (equal on every
+        #    rank); the update's are each rank's share of the global minibatch means (``_optimise``)
         stats.update(exp.stats)
         self.log_dict({k if "/" in k else f"train/{k}": float(v) for k, v in stats.items()},
                       on_step=False, on_epoch=True, batch_size=len(batch["prompt_ids"]), sync_dist=True)
@@ -299,25 +308,35 @@ class RLHFModule(L.LightningModule):
     def _optimise(self, token_mask: Tensor, epochs: int, seed: int,
                   loss_of: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]) -> dict[str, float]:
         """``epochs`` passes over the rows of ``token_mask`` (N, T), a fresh shuffled order per pass, one
-        optimiser step per minibatch; micro-batches accumulate, each weighted by its share of the
-        minibatch's tokens, so the step equals the whole minibatch's. Returns the mean stats per step."""
+        optimiser step per minibatch. A step's gradient is the token mean over the *global* minibatch
+        (every data-parallel rank's rows): each micro-batch's mean loss is weighted by its tokens over
+        the global minibatch's tokens, times the data-parallel size that the gradient all-reduce
+        averages over. Every rank takes the same number of steps and micro-batches (``lockstep_batches``:
+        a rank with fewer rows repeats some with weight 0), so uneven shares never leave a rank waiting
+        in a collective. Returns the mean stats per step (per-rank shares of the global means: the
+        logged mean over ranks is the global one)."""
         hp = self.hparams
+        group = data_parallel_group(self._trainer)
+        dp = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+        device = token_mask.device
         sums: dict[str, float] = {}
         steps = 0
         for epoch in range(epochs):
             g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
             order = torch.randperm(token_mask.size(0), generator=g)
-            for mb in (order[sl] for sl in chunks(len(order), hp.minibatch_size)):
-                n_tokens = token_mask[mb].sum().clamp(min=1)
+            minibatches = [order[sl] for sl in chunks(len(order), hp.minibatch_size)]
+            for [mb], mb_weight in lockstep_batches(minibatches, 1, group, device):
+                # the global minibatch's loss terms: every rank's tokens (a padding minibatch has none)
+                n_tokens = sum_over_ranks(token_mask[mb].sum() * mb_weight, group).clamp(min=1)
+                micro = [mb[sl] for sl in chunks(len(mb), hp.micro_batch_size or len(mb))]
                 acc: dict[str, float] = {}
-                for sub in chunks(len(mb), hp.micro_batch_size or len(mb)):
-                    rows = mb[sub]
+                for [rows], w in lockstep_batches(micro, 1, group, device):
                     loss, stats = loss_of(rows)
-                    weight = token_mask[rows].sum() / n_tokens
+                    weight = token_mask[rows].sum() * (dp * w * mb_weight) / n_tokens
                     self.manual_backward(loss * weight)
-                    w = float(weight)
+                    share = float(weight)
                     for k, v in {"loss": loss, **stats}.items():
-                        acc[k] = acc.get(k, 0.0) + w * float(v.detach())
+                        acc[k] = acc.get(k, 0.0) + share * float(v.detach())
                 acc.update(self._step())
                 for k, v in acc.items():
                     sums[k] = sums.get(k, 0.0) + v

@@ -16,7 +16,7 @@ all-gather; :func:`lockstep_batches` gives every rank the same number of micro-b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -81,6 +81,34 @@ def global_mean(x: Tensor, group: Any = None) -> Tensor:
     """Mean of every rank's entries of ``x`` (a metric such as reward or KL, weighted by rows, not ranks)."""
     mean, _, _ = global_masked_moments(x, torch.ones_like(x, dtype=torch.bool), group)
     return mean
+
+
+def global_means(values: Mapping[str, Tensor], group: Any = None,
+                 masks: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+    """The mean of each ``values[k]`` over every rank's entries (where ``masks[k]`` is True, when given),
+    all in one all-reduce of their sums and counts: an iteration's metrics (reward, KL, lengths) as
+    one process holding the whole batch would log them. A key nothing selects gives 0."""
+    if not values:
+        return {}
+    masks = masks or {}
+    device = next(iter(values.values())).device
+    sums = []
+    for k, v in values.items():
+        m = masks.get(k)
+        m = torch.ones_like(v, dtype=torch.bool) if m is None else (m if m.dtype == torch.bool else m != 0)
+        if m.shape != v.shape:
+            raise ValueError(f"global_means: mask of {k!r} has shape {tuple(m.shape)}, its values {tuple(v.shape)}")
+        v64 = v.to(device=device, dtype=torch.float64)
+        m = m.to(device)
+        sums += [torch.where(m, v64, torch.zeros((), dtype=torch.float64, device=device)).sum(),
+                 m.sum().to(torch.float64)]
+    totals = _all_reduce_sum(torch.stack(sums), group).tolist()  # (2K,): sum, count per key
+    return {k: totals[2 * i] / totals[2 * i + 1] if totals[2 * i + 1] else 0.0 for i, k in enumerate(values)}
+
+
+def sum_over_ranks(x: Tensor, group: Any = None) -> Tensor:
+    """``x`` summed over the group (a copy; ``x`` itself unchanged)."""
+    return _all_reduce_sum(x.detach().clone(), group)
 
 
 def max_over_ranks(value: int, group: Any = None, device: torch.device | str = "cpu") -> int:

@@ -18,6 +18,7 @@ from llama2_lightning.generation import generate
 from llama2_lightning.model import Transformer
 from llama2_lightning.reward_functions import RewardFunction
 from llama2_lightning.rlhf.experience import Rollout, token_logprobs
+from llama2_lightning.rlhf.global_stats import lockstep_batches
 from llama2_lightning.scalar_model import ScalarModel
 from llama2_lightning.tokenizer import Tokenizer
 
@@ -25,9 +26,12 @@ from llama2_lightning.tokenizer import Tokenizer
 @torch.no_grad()
 def sample_rollout(policy: Transformer, tokenizer: Tokenizer, batch: dict[str, Any], seed: int, *,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
-                   num_samples: int = 1, compile: bool = False) -> Rollout:
+                   num_samples: int = 1, compile: bool = False, batch_size: int | None = None) -> Rollout:
     """``num_samples`` answers per prompt of ``batch`` (a ``PromptDataModule`` batch), each prompt's
-    samples consecutive (row ``i * num_samples + k``), laid out as ``Rollout`` documents."""
+    samples consecutive (row ``i * num_samples + k``), laid out as ``Rollout`` documents.
+
+    ``batch_size``: sequences decoded at once (``generate``'s micro-batch, which bounds the KV cache),
+    rounded down to whole prompts of ``num_samples`` rows, at least one prompt; ``None``: all at once."""
     prompts = [list(p) for p in batch["prompt_ids"]]
     prompt_ids = [p for p in prompts for _ in range(num_samples)]
     longest = max(len(p) for p in prompt_ids)
@@ -42,7 +46,7 @@ def sample_rollout(policy: Transformer, tokenizer: Tokenizer, batch: dict[str, A
         # Each prompt prefilled once, its cache copied to its num_samples rows (prefix reuse).
         out = generate(policy, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=int(seed), num_samples=num_samples,
-                       compile=compile)
+                       compile=compile, batch_size=None if batch_size is None else max(1, batch_size // num_samples))
     answer_ids = out.as_lists()
     B, device = len(prompt_ids), policy.output.weight.device
     T = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
@@ -83,26 +87,35 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
-def logprobs_of(model: Transformer, tokens: Tensor, lengths: Tensor, chunk_size: int) -> Tensor:
+def logprobs_of(model: Transformer, tokens: Tensor, lengths: Tensor, chunk_size: int, group: Any = None) -> Tensor:
     """(B, T - 1) float32 log-probs of ``tokens[:, 1:]`` (B, T) under ``model``, ``chunk_size`` rows at a
-    time, each chunk trimmed to its longest real sequence (``lengths`` (B,)); 0 beyond a row's end."""
+    time, each chunk trimmed to its longest real sequence (``lengths`` (B,)); 0 beyond a row's end.
+
+    ``group``: the data-parallel group of a sharded ``model``. Every forward of a sharded model is a
+    collective, so every rank runs as many chunks as the rank with the most rows (the extra ones
+    recompute a chunk and are discarded); ``None`` with torch.distributed initialised: the default group."""
     B, T = tokens.shape
     out = torch.zeros((B, T - 1), device=tokens.device)
-    for sl in chunks(B, chunk_size):
+    for [sl], weight in lockstep_batches(list(chunks(B, chunk_size)), 1, group, tokens.device):
         Tm = int(lengths[sl].max())
         x = tokens[sl, :Tm]
-        out[sl, : Tm - 1] = token_logprobs(model(x[:, :-1]), x[:, 1:])
+        lp = token_logprobs(model(x[:, :-1]), x[:, 1:])
+        if weight:
+            out[sl, : Tm - 1] = lp
     return out
 
 
 @torch.no_grad()
-def values_of(value_model: ScalarModel, tokens: Tensor, lengths: Tensor, chunk_size: int) -> Tensor:
-    """(B, T - 1) float32 value V(s_t) of each action position's state, chunked as ``logprobs_of``."""
+def values_of(value_model: ScalarModel, tokens: Tensor, lengths: Tensor, chunk_size: int, group: Any = None) -> Tensor:
+    """(B, T - 1) float32 value V(s_t) of each action position's state, chunked (and kept in step over
+    ``group``) as ``logprobs_of``."""
     B, T = tokens.shape
     out = torch.zeros((B, T - 1), device=tokens.device)
-    for sl in chunks(B, chunk_size):
+    for [sl], weight in lockstep_batches(list(chunks(B, chunk_size)), 1, group, tokens.device):
         Tm = int(lengths[sl].max())
-        out[sl, : Tm - 1] = value_model.forward_all(tokens[sl, : Tm - 1])
+        v = value_model.forward_all(tokens[sl, : Tm - 1])
+        if weight:
+            out[sl, : Tm - 1] = v
     return out
 
 

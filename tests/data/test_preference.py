@@ -196,6 +196,31 @@ def test_mixture_counts_semantics() -> None:
     assert mixture_counts([100, 80, 300], [None, None, 0.0]) == [100, 80, 0]  # whole, whole, val only
     with pytest.raises(ValueError, match=r"sources\[0\].weight must be > 0"):
         mixture_counts([10, 10], [0.0, 1.0])
+    # beside whole sources a weight is a fraction of the whole mixture: 90 + 45 whole = 90% of 150
+    assert mixture_counts([90, 45, 500, 7], [None, None, 0.05, 0.05]) == [90, 45, 8, 8]  # 7.5 rounds to 8
+    with pytest.raises(ValueError, match=r"weights summing to 1, .*must sum to less than 1"):
+        mixture_counts([90, 45, 10], [0.9, None, 0.1])
+
+
+@pytest.mark.parametrize("config", ["llama2-7b-safety", "llama2-70b-safety", "tiny-safety"])
+def test_safety_configs_mix_90_10_of_the_total(config: str, tmp_path: Path) -> None:
+    """The paper's safety RM data: Meta Safety + Anthropic Harmless 90%, helpfulness 10% of all pairs,
+    with the config's own sources and weights over files of uneven sizes."""
+    import yaml
+    from paths import ROOT
+
+    sources = yaml.safe_load((ROOT / "configs/reward" / f"{config}.yaml").read_text())["data"]["init_args"]["sources"]
+    sizes = [400, 230, 300, 350][: len(sources)]
+    local = []
+    for i, (src, n) in enumerate(zip(sources, sizes)):
+        path = write_jsonl(tmp_path / f"s{i}.jsonl", numbered_pairs(n, f"s{i}"))
+        local.append({**src, "path": str(path), "format": "pairs"})
+    dm = module(local, val_fraction=0.05, seed=0)
+    n_safety = sum(bool(p.is_safety) for p in dm.train_dataset.pairs)
+    total = len(dm.train_dataset)
+    weighted = sum(1 for s in sources if s.get("weight") is not None)
+    # each weighted source's count is rounded once: at most half a pair each away from the exact mix
+    assert abs(n_safety / total - 0.9) <= (0.5 * weighted + 1) / total, (n_safety, total)
 
 
 def test_mixing_weights_give_the_expected_proportions_deterministically(tmp_path: Path) -> None:
