@@ -1,7 +1,9 @@
-"""Argument groups every stage's LightningModule takes: how it optimises and how it lays the model out.
+"""Argument groups every stage's LightningModule takes: how it optimises, how it lays the model out, and
+which of its weights it trains.
 
 LightningCLI (jsonargparse) nests a dataclass argument in YAML, so a config reads
-``optimizer: {lr: 2.0e-5, warmup_steps: 10}`` and ``sharding: {param_dtype: bfloat16}``, and a key
+``optimizer: {lr: 2.0e-5, warmup_steps: 10}``, ``sharding: {param_dtype: bfloat16}`` and
+``finetune: {lora_rank: 8}``, and a key
 left out keeps the module's own default (each module passes its defaults as an instance). Both are
 frozen: one default instance is shared by every module built without the argument. In a
 checkpoint's hyperparameters they are plain dicts (``asdict``), so checkpoints load with
@@ -72,7 +74,55 @@ class ShardingArgs:
     """Recompute each transformer block in backward instead of keeping its activations."""
 
 
-Args = TypeVar("Args", OptimizerArgs, ShardingArgs)
+# The Meta names of the linear maps LoRA can adapt: Attention's and FeedForward's (model.py).
+LORA_TARGETS: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class FinetuneArgs:
+    """Which weights a stage trains: all of them (the paper), LoRA adapters (Hu et al. 2021, through
+    ``peft``), or only the top blocks; ways to fit a small CPU. A reward or value model's scalar head
+    always trains. ``modules/finetune.py`` applies it and keeps checkpoints in Meta's layout."""
+
+    lora_rank: int | None = None
+    """LoRA rank r: every target ``W`` becomes ``W + (lora_alpha / r) B A`` with only ``A`` (r, in) and
+    ``B`` (out, r) trained, ``B`` starting at 0 so the model starts unchanged; ``None``: full fine-tuning."""
+    lora_alpha: float = 16
+    """LoRA's scale numerator: the update is scaled by ``lora_alpha / lora_rank``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (keep 0 for PPO: its ratio compares train-mode log-probs to eval-mode ones)."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Which linear maps of every (adapted) block get adapters, by Meta name: wq wk wv wo w1 w2 w3."""
+    trainable_blocks: int | None = None
+    """Train only the top N transformer blocks plus the final norm and an untied LM head (a tied one is the
+    embedding table and stays frozen); the embeddings and lower blocks are frozen, so backward stops at block
+    n_layers - N. With ``lora_rank``: adapters in the top N blocks only, nothing else trains. ``None``: all."""
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise ValueError(f"finetune.lora_rank must be a positive integer or null, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.lora_targets, str) or not self.lora_targets:
+            raise ValueError(f"finetune.lora_targets must be a non-empty list of {list(LORA_TARGETS)}, "
+                             f"got {self.lora_targets!r}")
+        if unknown := [t for t in self.lora_targets if t not in LORA_TARGETS]:
+            raise ValueError(f"finetune.lora_targets: unknown {unknown}; allowed: {list(LORA_TARGETS)}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a YAML or checkpoint list
+        if self.trainable_blocks is not None and self.trainable_blocks < (1 if self.lora_rank else 0):
+            raise ValueError(f"finetune.trainable_blocks must be >= {1 if self.lora_rank else 0} "
+                             f"({'adapters need a block' if self.lora_rank else '0: only the final norm and head'}) "
+                             f"or null, got {self.trainable_blocks}")
+
+    @property
+    def is_full(self) -> bool:
+        """Every weight trains: the paper's fine-tuning, nothing to apply."""
+        return self.lora_rank is None and self.trainable_blocks is None
+
+
+Args = TypeVar("Args", OptimizerArgs, ShardingArgs, FinetuneArgs)
 
 
 def as_args(cls: type[Args], value: Args | dict[str, Any] | None, default: Args) -> Args:
@@ -93,4 +143,4 @@ def as_args(cls: type[Args], value: Args | dict[str, Any] | None, default: Args)
     return cls(**merged)
 
 
-__all__ = ["OptimizerArgs", "ShardingArgs", "OptimizerName", "as_args"]
+__all__ = ["FinetuneArgs", "LORA_TARGETS", "OptimizerArgs", "ShardingArgs", "OptimizerName", "as_args"]

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.args import FinetuneArgs, OptimizerArgs, ShardingArgs
 from llama2_lightning.modules.common import build_config, build_scalar_model, cosine_adamw, save_grouped_hyperparameters
+from llama2_lightning.modules.finetune import apply_finetune, finetune_group, merge_adapters, restore_adapters
 from llama2_lightning.rlhf.ranking import MARGINS, MarginTable, margin_for, ranking_loss
 from llama2_lightning.scalar_model import ScalarModel
 
@@ -131,6 +132,7 @@ class RewardModule(L.LightningModule):
             optimiser steps, at least 5: ``warmup_ratio`` 0.03, ``warmup_steps`` 5; cosine to 10%),
             spanning the whole run (one epoch in the paper).
         sharding: as in ``PretrainModule``.
+        finetune: which trunk weights train (``SFTModule``'s); the scalar head always trains.
     """
 
     def __init__(
@@ -141,12 +143,14 @@ class RewardModule(L.LightningModule):
         margin: MarginTable = "small",
         optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
         sharding: ShardingArgs = ShardingArgs(),
+        finetune: FinetuneArgs = FinetuneArgs(),
     ) -> None:
         super().__init__()
         if margin not in ("small", "large", "none"):
             raise ValueError(f"margin: unknown margin table {margin!r}; allowed: small, large, none")
         self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding)
         self.config = build_config(model, model_overrides, init_from)
+        self.finetune = finetune_group(self, "finetune", finetune, self.config)
         self.model: ScalarModel | None = None
         self._make_metrics([])
 
@@ -169,6 +173,7 @@ class RewardModule(L.LightningModule):
         # On the meta device, sharded, then each rank materialises and loads its own shard only.
         self.model = build_scalar_model(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
                                         **vars(self.sharding))
+        apply_finetune(self.model.trunk, self.finetune, "finetune", self.device_mesh)  # the head is outside the trunk
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Scores (N,) float32 of N sequences (N, T), read at each row's last real token."""
@@ -251,6 +256,10 @@ class RewardModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict):  # a copy of self.hparams, safe to edit
             hparams.update(model=self.config.to_dict(), model_overrides=None, init_from=None)
+        merge_adapters(self, checkpoint)  # LoRA: merged trunk weights under Meta names, adapters beside them
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_adapters(self, checkpoint)  # a resumed or re-evaluated LoRA run: its adapters, not a merge
 
 
 __all__ = ["RewardModule", "RankingMetrics", "MARGIN_GROUPS", "TRUNK_PREFIX", "HEAD_KEY"]

@@ -36,10 +36,11 @@ from llama2_lightning.config import LlamaConfig
 from llama2_lightning.dtypes import resolve_dtype
 from llama2_lightning.losses import IGNORE_INDEX, answer_loss
 from llama2_lightning.model import Transformer
-from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.args import FinetuneArgs, OptimizerArgs, ShardingArgs
 from llama2_lightning.modules.common import (
     build_config, build_scalar_model, build_transformer, cosine_adamw, save_grouped_hyperparameters,
 )
+from llama2_lightning.modules.finetune import apply_finetune, finetune_group, merge_adapters, restore_adapters
 from llama2_lightning.reward_functions import FrozenDType, RewardFunction
 from llama2_lightning.rlhf.experience import (
     ExperienceCallback, PPOExperience, Rollout, SFTExperience, heldout_seed, token_logprobs,
@@ -86,6 +87,8 @@ class RLHFModule(L.LightningModule):
         val_seed: sampling seed of the held-out evaluation, the same at every validation.
         log_samples: held-out (prompt, answer, reward) rows logged per validation (wandb Table).
         sharding: FSDP2 mixed precision when sharded, activation checkpointing.
+        finetune: which policy weights train (``SFTModule``'s); pi_0 is never adapted.
+        value_finetune: the same for the value model's trunk (its head always trains); ``None``: ``finetune``.
     """
 
     def __init__(
@@ -114,6 +117,8 @@ class RLHFModule(L.LightningModule):
         val_seed: int = 1234,
         log_samples: int = 4,
         sharding: ShardingArgs = ShardingArgs(),
+        finetune: FinetuneArgs = FinetuneArgs(),
+        value_finetune: FinetuneArgs | None = None,
     ) -> None:
         super().__init__()
         if reward is None:
@@ -141,6 +146,10 @@ class RLHFModule(L.LightningModule):
                 f"RLHFModule: init_from={init_from!r} not found ({err}); train the SFT model first (e.g. "
                 "`llama2-lightning fit --config configs/sft/tiny.yaml`) or pass --model.init_args.init_from PATH"
             ) from None
+        self.finetune = finetune_group(self, "finetune", finetune, self.config)
+        # value_init_from's depth is checked when it is read (configure_model)
+        self.value_finetune = finetune_group(self, "value_finetune", value_finetune,
+                                             None if value_init_from else self.config, default=None) or self.finetune
         self.reward = reward
         self.model: Transformer | None = None
         self.ref_model: Transformer | None = None
@@ -200,11 +209,13 @@ class RLHFModule(L.LightningModule):
             ref.load_state_dict(policy.state_dict())
         ref.requires_grad_(False)
         ref.eval()
+        apply_finetune(policy, self.finetune, "finetune", mesh)  # after pi_0 took the un-adapted weights
         value = None
         if self.experience_callback is not None and self.experience_callback.uses_value_model:
             config = read_config(hp.value_init_from) if hp.value_init_from else self.config
             value = build_scalar_model(config, hp.value_init_from or hp.init_from, sh.activation_checkpointing, mesh,
                                        sh.param_dtype, sh.reduce_dtype)
+            apply_finetune(value.trunk, self.value_finetune, "value_finetune", mesh)
         self.model, self.ref_model, self.value_model = policy, ref, value
 
     def train(self, mode: bool = True) -> RLHFModule:
@@ -419,6 +430,10 @@ class RLHFModule(L.LightningModule):
         checkpoint["llama_config"] = self.config.to_dict()
         if self.value_model is not None:
             checkpoint["value_config"] = self.value_model.config.to_dict()
+        merge_adapters(self, checkpoint)  # LoRA: merged policy / value weights under Meta names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_adapters(self, checkpoint)
 
 
 __all__ = ["RLHFModule"]

@@ -20,8 +20,9 @@ from torchmetrics import MeanMetric
 from llama2_lightning.data.sft import packed_attention_mask
 from llama2_lightning.losses import answer_loss
 from llama2_lightning.model import Transformer
-from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.args import FinetuneArgs, OptimizerArgs, ShardingArgs
 from llama2_lightning.modules.common import build_config, build_transformer, cosine_adamw, save_grouped_hyperparameters
+from llama2_lightning.modules.finetune import apply_finetune, finetune_group, merge_adapters, restore_adapters
 
 DEFAULT_OPTIMIZER = OptimizerArgs(lr=2e-5, warmup_steps=10, min_lr_ratio=0.1)  # paper, section 3.1
 from llama2_lightning.tensor_parallel import loss_backward_context
@@ -42,6 +43,8 @@ class SFTModule(L.LightningModule):
             cosine has no stated floor; 0.1 is its pretraining schedule's. The cosine spans
             ``trainer.max_steps``, else the run's length, unless ``decay_steps``.
         sharding: FSDP2 mixed precision when sharded (bf16 compute on GPUs), activation checkpointing.
+        finetune: which weights train: all (default, the paper), LoRA adapters (``lora_rank``) or the top
+            ``trainable_blocks``; checkpoints keep Meta's layout either way (``modules/finetune.py``).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class SFTModule(L.LightningModule):
         model_overrides: dict[str, Any] | None = None,
         optimizer: OptimizerArgs = DEFAULT_OPTIMIZER,
         sharding: ShardingArgs = ShardingArgs(),
+        finetune: FinetuneArgs = FinetuneArgs(),
     ) -> None:
         super().__init__()
         self.optimizer_args, self.sharding = save_grouped_hyperparameters(self, optimizer, DEFAULT_OPTIMIZER, sharding)
@@ -63,6 +67,7 @@ class SFTModule(L.LightningModule):
                 f"SFTModule: init_from={init_from!r} not found ({err}); train the base model first (e.g. "
                 "`llama2-lightning fit --config configs/pretrain/tiny.yaml`) or pass --model.init_args.init_from PATH"
             ) from None
+        self.finetune = finetune_group(self, "finetune", finetune, self.config)
         if init_from is None:
             rank_zero_warn("SFTModule: init_from is None, so fine-tuning starts from random weights")
         self.model: Transformer | None = None
@@ -91,6 +96,7 @@ class SFTModule(L.LightningModule):
         if self.model is None:  # the sharding group's fields are the builder's keywords
             self.model = build_transformer(self.config, self.hparams.init_from, device_mesh=self.device_mesh,
                                            **vars(self.sharding))
+            apply_finetune(self.model, self.finetune, "finetune", self.device_mesh)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
                 sharded_logits: bool = False) -> Tensor:
@@ -167,3 +173,7 @@ class SFTModule(L.LightningModule):
         # Plain dict so `convert --from lightning`, `chat` and a later stage's init_from can rebuild the
         # model with weights_only loading.
         checkpoint["llama_config"] = self.config.to_dict()
+        merge_adapters(self, checkpoint)  # LoRA: merged weights under Meta names, adapters beside them
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_adapters(self, checkpoint)  # a resumed LoRA run: the adapters and frozen weights back

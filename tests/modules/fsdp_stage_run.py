@@ -2,7 +2,7 @@
 bf16 compute, activation checkpointing, float32 gradient reduction), for the parity tests in
 ``test_fsdp_stages.py``. Run as a script; Lightning launches the other ranks by re-running it.
 
-    python tests/fsdp_stage_run.py STAGE INIT OUT WORLD MAX_STEPS [RESUME_CKPT|""] [PARAM_DTYPE]
+    python tests/fsdp_stage_run.py STAGE INIT OUT WORLD MAX_STEPS [RESUME_CKPT|""] [PARAM_DTYPE] [TRAINABLE_BLOCKS]
 
 Every step uses the same global batch whatever WORLD is: rank r takes rows r*G/W .. (r+1)*G/W - 1 of it,
 and every rank's share has the same number of loss terms (answer tokens, pairs), so the data-parallel
@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import DataLoader, Dataset
 
 from llama2_lightning.modules import PretrainModule, RewardModule, SFTModule
-from llama2_lightning.modules.args import OptimizerArgs, ShardingArgs
+from llama2_lightning.modules.args import FinetuneArgs, OptimizerArgs, ShardingArgs
 
 GLOBAL_ROWS, T, VOCAB, STEPS = 4, 32, 2048, 8
 STRATEGY = dict(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True)
@@ -95,13 +95,14 @@ class Recorder(L.Callback):
 
 
 def main(stage: str, init: str, out: str, world: int, max_steps: int, resume: str | None = None,
-         param_dtype: str = "bfloat16") -> None:
+         param_dtype: str = "bfloat16", trainable_blocks: int | None = None) -> None:
     L.seed_everything(0)
     cls = {"pretrain": PretrainModule, "sft": SFTModule, "reward": RewardModule}[stage]
     # a constant learning rate: the schedule must not depend on max_steps, which differs on resume
     module = cls(init_from=init, model="tiny",
                  optimizer=OptimizerArgs(lr=1e-3, warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=1.0),
-                 sharding=ShardingArgs(**{**STRATEGY, "param_dtype": param_dtype}))
+                 sharding=ShardingArgs(**{**STRATEGY, "param_dtype": param_dtype}),
+                 finetune=FinetuneArgs(trainable_blocks=trainable_blocks))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(
@@ -123,4 +124,4 @@ def main(stage: str, init: str, out: str, world: int, max_steps: int, resume: st
 if __name__ == "__main__":
     a = sys.argv[1:]
     main(a[0], a[1], a[2], int(a[3]), int(a[4]), (a[5] or None) if len(a) > 5 else None,
-         a[6] if len(a) > 6 else "bfloat16")
+         a[6] if len(a) > 6 else "bfloat16", int(a[7]) if len(a) > 7 else None)

@@ -30,12 +30,15 @@ def bf16_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(stage: str, init: Path, out: Path, world: int, steps: int, resume: Path | None = None) -> None:
+def _run(stage: str, init: Path, out: Path, world: int, steps: int, resume: Path | None = None,
+         trainable_blocks: int | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, str(RUNNER), stage, str(init), str(out), str(world), str(steps)]
-    if resume is not None:
-        args.append(str(resume))
+    if resume is not None or trainable_blocks is not None:
+        args.append(str(resume or ""))
+    if trainable_blocks is not None:
+        args += ["bfloat16", str(trainable_blocks)]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -71,3 +74,24 @@ def test_two_process_bf16_run_resumes_and_matches_one_process(stage: str, bf16_i
         # A resume that lost the optimiser state, or ranks that saw other data, differ by ~the whole
         # update; sharded bf16 arithmetic by well under a few percent of it (measured: <0.5%).
         assert (w1[name] - w2[name]).abs().mean() < 0.03 * update, name
+
+
+@pytest.mark.slow
+def test_two_process_sft_of_the_top_block_only_matches_one_process(bf16_init: Path, tmp_path: Path) -> None:
+    # finetune.trainable_blocks under FSDP2: frozen parameters sharded beside trained ones (the root group
+    # holds the frozen embeddings and the trained final norm and LM head)
+    _run("sft", bf16_init, tmp_path / "w1", 1, 2, trainable_blocks=1)
+    _run("sft", bf16_init, tmp_path / "w2", 2, 2, trainable_blocks=1)
+    one = json.loads((tmp_path / "w1" / "losses.json").read_text())
+    two = json.loads((tmp_path / "w2" / "losses.json").read_text())
+    assert two == pytest.approx(one, rel=5e-3)
+    init = torch.load(bf16_init, weights_only=True)["state_dict"]
+    w1 = torch.load(tmp_path / "w1" / "final.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "w2" / "final.pt", weights_only=True)
+    for name in w1:
+        start = init[f"model.{name}"].float()
+        trained = name.startswith(("layers.1.", "norm.", "output."))
+        assert (w2[name] != start).any() == trained, name  # the frozen ones never move, on either rank
+        if trained:
+            update = (w1[name] - start).abs().mean()
+            assert (w1[name] - w2[name]).abs().mean() < 0.03 * update, name
