@@ -72,7 +72,7 @@ def apply_finetune(trunk: Transformer, args: FinetuneArgs, key: str = "finetune"
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as err:
-        raise ImportError(f"{key}.lora_rank needs peft: pip install 'llama2-lightning[lora]' ({err})") from None
+        raise ImportError(f"{key}.lora_rank needs peft: pip install 'peft>=0.13' ({err})") from None
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=list(args.lora_targets), bias="none",
                         # blocks are trunk.layers.<i>: peft matches the index after "layers"
