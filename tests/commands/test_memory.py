@@ -81,8 +81,12 @@ def test_70b_ppo_under_tp8_x_fsdp8(capsys: pytest.CaptureFixture[str]) -> None:
                        "--gpu-memory-gib", "80")
     assert (summary["tensor_parallel_size"], summary["data_parallel_size"]) == (8, 8)
     assert "64 ranks = TP 8 x FSDP 8" in out and summary["fits"] is True
-    # 512 prompts over 8 replicas, 3,072 + 1,024 slots, 80 layers, K and V, 1 head of 128, bf16
-    assert summary["components"]["kv_cache"] * GIB == pytest.approx(64 * 4096 * 80 * 2 * 1 * 128 * 2)
+    # 512 prompts over 8 replicas: 64 per replica, decoded 8 at a time (the config's rollout_batch_size);
+    # 3,072 + 1,024 slots, 80 layers, K and V, 1 head of 128, bf16
+    assert summary["components"]["kv_cache"] * GIB == pytest.approx(8 * 4096 * 80 * 2 * 1 * 128 * 2)
+    _, unbounded = run(capsys, "--config", str(ROOT / "configs/rlhf/llama2-70b-ppo.yaml"), "--world-size", "64",
+                       "--rollout-batch-size", "64")
+    assert unbounded["components"]["kv_cache"] * GIB == pytest.approx(64 * 4096 * 80 * 2 * 1 * 128 * 2)
     # the TP shard of the policy in bf16 (the replicated RMSNorms are 0.001% of it)
     assert summary["components"]["generation_gathered_policy"] * GIB == pytest.approx(
         PUBLISHED["llama2-70b"] * 2 / 8, rel=0.01)
