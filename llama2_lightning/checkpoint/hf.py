@@ -30,7 +30,7 @@ DEFAULT_HF_SHARD_BYTES = 5_000_000_000
 
 # transformers < 4.31 saved each layer's `rotary_emb.inv_freq` buffer; it is recomputed from the
 # config, so it is dropped; anything else unknown is an error.
-_HF_NON_WEIGHT = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+HF_NON_WEIGHT = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _HF_TOP_LEVEL = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -137,7 +137,7 @@ def load_hf(src_dir: str | os.PathLike[str]) -> tuple[LlamaConfig, StateDict]:
     state_dict = {
         hf_to_ours_key(name): tensor
         for name, tensor in read_hf_weights(src).items()
-        if not _HF_NON_WEIGHT.fullmatch(name)
+        if not HF_NON_WEIGHT.fullmatch(name)
     }
     # Check before un-permuting: the reshape assumes the shapes the config implies.
     if config.tie_word_embeddings:

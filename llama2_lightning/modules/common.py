@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
+from llama2_lightning.checkpoint.hf_weights import hf_weights
 from llama2_lightning.checkpoint.meta_shards import MetaShards, meta_weights
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import is_sharded, shard_for_training
@@ -83,6 +84,11 @@ def load_initial_weights(model: nn.Module, init_from: str, device: torch.device 
         own = tp_mesh.get_local_rank() if tp_mesh is not None and tp_mesh.size() == len(shards) else 0
         state_dict = {prefix + k: v for k, v in meta_weights(shards, own).items()
                       if prefix + k in own_names or not prefix}
+        materialize(model, device, state_dict, source=str(init_from))  # type: ignore[arg-type]
+        return
+    lazy = hf_weights(init_from) if detect_format(init_from) == "hf" and is_sharded(model) else None
+    if lazy is not None:  # safetensors: each rank reads its blocks only (hf_weights.py)
+        state_dict = {prefix + k: v for k, v in lazy.items() if prefix + k in own_names or not prefix}
         materialize(model, device, state_dict, source=str(init_from))  # type: ignore[arg-type]
         return
     _, state_dict = load_checkpoint(init_from)  # memory-mapped where the format allows
