@@ -34,7 +34,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,26 @@ def _read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turn
     return out
 
 
+def pick_answer(candidates: Sequence[str], check: Callable[[str], bool] | None) -> str:
+    """The first of a turn's sampled answers that follows the dialog's checkable instruction (the first
+    non-empty one without a check, or when none passes)."""
+    if check is not None:
+        for answer in candidates:
+            if answer and check(answer):
+                return answer
+    return next((a for a in candidates if a), "")
+
+
 def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[tuple[str | None, list[str]]],
                         instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int, batch_size: int = 8, template: ChatTemplate | None = None) -> list[list[Message]]:
+                        seed: int, batch_size: int = 8, template: ChatTemplate | None = None,
+                        checks: Sequence[Callable[[str], bool] | None] | None = None,
+                        samples_per_turn: int = 1) -> list[list[Message]]:
     """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
+
+    With ``samples_per_turn`` K > 1, each turn draws K answers and keeps the first that passes
+    ``checks[i]`` (:func:`pick_answer`): rejection sampling on the instruction's program check, so a
+    small model that follows an instruction only sometimes still yields dialogs that follow it.
 
     ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
     (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
@@ -121,8 +137,10 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                 prompts.append(ids)
             if not rows:
                 break
-            answers = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                                     seed=seeds.randrange(2**31))
+            drawn = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
+                                   seed=seeds.randrange(2**31), num_samples=samples_per_turn)
+            answers = [pick_answer(drawn[k * samples_per_turn:(k + 1) * samples_per_turn],
+                                   checks[i] if checks is not None else None) for k, i in enumerate(rows)]
             for i, answer in zip(rows, answers):
                 if not answer:
                     open_rows.discard(i)
@@ -166,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="paper: hobby/language/figure (default); checkable: evaluation.instructions; mixed: either")
     parser.add_argument("--checkable", default=",".join(i.name for i in INSTRUCTIONS),
                         help="comma-separated checkable instructions to draw from (the rest stay unseen)")
+    parser.add_argument("--samples-per-turn", type=int, default=1,
+                        help="answers drawn per turn; the first that follows a checkable instruction is kept")
     parser.add_argument("--require-check", action="store_true",
                         help="drop a dialog whose last answer does not follow its checkable instruction")
     parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
@@ -190,8 +210,8 @@ def cli_gatt(argv: list[str] | None = None) -> int:
     """``llama2-lightning gatt``: returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.samples_per_turn < 1:
+        parser.error(f"--batch-size and --samples-per-turn must be >= 1, got {args.batch_size}, {args.samples_per_turn}")
     checkable = [c.strip() for c in args.checkable.split(",") if c.strip()]
     try:
         for name in checkable:
@@ -209,7 +229,8 @@ def cli_gatt(argv: list[str] | None = None) -> int:
     instructions = [text for text, _ in drawn]
     sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
                                   args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size,
-                                  template=template)
+                                  template=template, samples_per_turn=args.samples_per_turn,
+                                  checks=[checkable_instruction(c).check if c else None for _, c in drawn])
     records: list[dict[str, Any]] = []
     shortened = skipped = failed = 0
     for (origin, _, users), (instruction, check), dialog in zip(inputs, drawn, sampled):
