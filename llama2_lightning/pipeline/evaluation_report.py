@@ -193,8 +193,8 @@ def reward_model_section(pipe: Pipeline, configs: dict[str, dict[str, Any]], kin
     return ["## Reward models against length baselines", "",
             table(["reward model", "held-out source", "pairs", "RM accuracy", "longer wins", "shorter wins",
                    "points over the better baseline"], rows), "",
-            "RM accuracy is the value the stage logged on its held-out pairs (split by content); the baselines rank "
-            "the same pairs by answer length alone. A reward model near its better baseline has learned length, not "
+            "RM accuracy is the value the stage logged on its held-out pairs (split by content; all of them unless "
+            "the stage set `limit_val_batches`); the baselines rank the same pairs by answer length alone. A reward model near its better baseline has learned length, not "
             "preference. Read each model on its own source (helpfulness on `hh_helpful`, safety on `hh_harmless`); "
             "the bar is 5 points over the better baseline.", ""], summary
 
@@ -250,15 +250,17 @@ def evaluation_sections(pipe: Pipeline, options: dict[str, Any], configs: dict[s
     lines: list[str] = []
     summary: dict[str, Any] = {}
     if evals:
-        first = next(iter(evals.values()))
-        s = first.get("settings", {})
-        lines += ["## Evaluation settings", "",
-                  f"Each `evaluate` stage answers greedily (temperature {s.get('temperature')}, up to "
-                  f"{s.get('max_new_tokens')} tokens; GAtt answers up to {s.get('gatt_max_new_tokens')}): XSTest "
-                  f"{'all prompts' if s.get('xstest_limit') is None else str(s.get('xstest_limit')) + ' prompts per label (a seeded subsample of 200 unsafe / 250 safe, for time)'}, "
-                  f"{s.get('helpful_limit')} held-out HH prompts, {s.get('gatt_dialogs')} GAtt dialogs of "
-                  f"{s.get('gatt_turns')} turns per instruction. Evaluation times: "
-                  + ", ".join(f"{n} {e.get('elapsed_s', 0) / 60:.1f} min" for n, e in evals.items()) + ".", ""]
+        lines += ["## Evaluation settings", "", table(
+            ["evaluate stage", "model", "XSTest prompts (unsafe + safe)", "held-out HH prompts", "GAtt dialogs x turns",
+             "max answer tokens (GAtt)", "time"],
+            [[n, e.get("checkpoint"), f"{e['xstest']['n_unsafe']} + {e['xstest']['n_safe']}" if "xstest" in e else "-",
+              e["helpfulness"]["n"] if "helpfulness" in e else "-",
+              f"{e['gatt']['dialogs']} x {len(e['gatt']['mean_by_turn'])} per instruction" if "gatt" in e else "-",
+              f"{e['settings'].get('max_new_tokens')} ({e['settings'].get('gatt_max_new_tokens')})",
+              f"{e.get('elapsed_s', 0) / 60:.1f} min"] for n, e in evals.items()]), "",
+                  "Greedy answers. Prompt counts are cut for time: XSTest has 200 unsafe and 250 safe prompts; a "
+                  "smaller count is a seeded subsample per label (spread over its prompt types), so rates carry a "
+                  "sampling error of up to ±0.5/√n.", ""]
     xs_lines, summary["xstest"] = xstest_section(pipe, evals, roles, table)
     help_lines, summary["helpfulness"] = helpfulness_section(evals, roles, table)
     gatt_lines, summary["gatt"] = gatt_section(evals, roles, table)
