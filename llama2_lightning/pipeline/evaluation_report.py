@@ -230,6 +230,7 @@ def plot_evaluations(plt: Any, xs: dict[str, Any], gatt: dict[str, Any], path: P
     for name, g in gatt.items():
         axes[1].plot(range(1, len(g["mean_by_turn"]) + 1), g["mean_by_turn"], "o-", label=name)
     axes[1].set_ylim(0, 1)
+    axes[1].set_xticks(range(1, 1 + max((len(g["mean_by_turn"]) for g in gatt.values()), default=1)))
     axes[1].set_xlabel("turn")
     axes[1].set_title("GAtt: checkable-instruction adherence by turn")
     axes[1].grid(alpha=0.3)
