@@ -64,11 +64,11 @@ def load_chat_model(parser: argparse.ArgumentParser,
 
 
 def sample_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int) -> list[str]:
-    """One answer per prompt (ids ending in ``[/INST]``), its text up to the first EOS, stripped the way
-    the chat format strips an answer."""
+                   temperature: float, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
+    """``num_samples`` answers per prompt (ids ending in ``[/INST]``; prompt 0's first), each its text up to
+    the first EOS, stripped the way the chat format strips an answer."""
     out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed)
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, num_samples=num_samples)
     return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.as_lists()]
 
 

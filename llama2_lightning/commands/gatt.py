@@ -18,6 +18,13 @@ Output, one JSON object per line::
 The ``messages`` format of :class:`~llama2_lightning.data.sft.SFTDataModule` reads these lines as they
 are; ``train_turns`` is what ``encode_dialog(..., train_turns=...)`` takes to zero the loss on every
 earlier turn, as the paper does.
+
+Inputs are ``{"messages": [...]}`` lines or, with ``--format hh``, Anthropic HH records (the user turns
+of their ``chosen`` dialog); ``--min-turns`` / ``--max-turns`` keep dialogs with enough user turns and
+cut long ones. ``--instruction-set`` draws the paper's instructions (hobby, language, public figure),
+the machine-checkable ones of :mod:`llama2_lightning.evaluation.instructions` (``--checkable`` names a
+subset, so others stay unseen for evaluation), or either at random (``mixed``). ``--require-check``
+drops a dialog whose last answer (the one trained on) does not follow its checkable instruction.
 """
 
 from __future__ import annotations
@@ -27,25 +34,35 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
+from llama2_lightning.data.readers import parse_hh_dialog
+from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction as checkable_instruction
 from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
 from llama2_lightning.jsonl import read_jsonl
 from llama2_lightning.model import Transformer
 from llama2_lightning.tokenizer import Tokenizer
 
 
-def _read_dialogs(path: Path, limit: int | None) -> list[tuple[str, str | None, list[str]]]:
-    """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file."""
+def _read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turns: int = 1,
+                  max_turns: int | None = None) -> list[tuple[str, str | None, list[str]]]:
+    """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file (or of
+    an HH file's ``chosen`` dialogs), keeping dialogs of at least ``min_turns`` user turns, cut to ``max_turns``."""
     out: list[tuple[str, str | None, list[str]]] = []
     for lineno, record in read_jsonl(path):
         origin = f"{path}:{lineno}"
-        messages = record.get("messages")
+        if fmt == "hh":
+            try:
+                messages = parse_hh_dialog(record.get("chosen"))
+            except ValueError as err:
+                raise ValueError(f"{origin}: {err}") from None
+        else:
+            messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{origin}: expected an object with a non-empty 'messages' list")
         system: str | None = None
@@ -62,16 +79,34 @@ def _read_dialogs(path: Path, limit: int | None) -> list[tuple[str, str | None, 
                 users.append(m["content"])
         if not users:
             raise ValueError(f"{origin}: the dialog has no user turn to answer")
-        out.append((origin, system, users))
+        if len(users) < min_turns or any(not u.strip() for u in users):
+            continue
+        out.append((origin, system, users[:max_turns]))
         if limit is not None and len(out) >= limit:
             break
     return out
 
 
+def pick_answer(candidates: Sequence[str], check: Callable[[str], bool] | None) -> str:
+    """The first of a turn's sampled answers that follows the dialog's checkable instruction (the first
+    non-empty one without a check, or when none passes)."""
+    if check is not None:
+        for answer in candidates:
+            if answer and check(answer):
+                return answer
+    return next((a for a in candidates if a), "")
+
+
 def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[tuple[str | None, list[str]]],
                         instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int, batch_size: int = 8, template: ChatTemplate | None = None) -> list[list[Message]]:
+                        seed: int, batch_size: int = 8, template: ChatTemplate | None = None,
+                        checks: Sequence[Callable[[str], bool] | None] | None = None,
+                        samples_per_turn: int = 1) -> list[list[Message]]:
     """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
+
+    With ``samples_per_turn`` K > 1, each turn draws K answers and keeps the first that passes
+    ``checks[i]`` (:func:`pick_answer`): rejection sampling on the instruction's program check, so a
+    small model that follows an instruction only sometimes still yields dialogs that follow it.
 
     ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
     (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
@@ -102,8 +137,10 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                 prompts.append(ids)
             if not rows:
                 break
-            answers = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                                     seed=seeds.randrange(2**31))
+            drawn = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
+                                   seed=seeds.randrange(2**31), num_samples=samples_per_turn)
+            answers = [pick_answer(drawn[k * samples_per_turn:(k + 1) * samples_per_turn],
+                                   checks[i] if checks is not None else None) for k, i in enumerate(rows)]
             for i, answer in zip(rows, answers):
                 if not answer:
                     open_rows.discard(i)
@@ -127,42 +164,82 @@ def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
         raise
 
 
-def cli_gatt(argv: list[str] | None = None) -> int:
-    """``llama2-lightning gatt``: returns the process exit status."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama2-lightning gatt",
         description="Sample Ghost Attention (GAtt) dialogs: answers drawn with a random instruction on every "
                     "user turn, written with the instruction only at the start (paper section 3.3).",
     )
     parser.add_argument("--input", required=True, type=Path,
-                        help='JSONL of {"messages": [...]} dialogs; only the system and user turns are used')
+                        help='JSONL of {"messages": [...]} dialogs (or HH records, --format hh); only the system and '
+                             'user turns are used')
+    parser.add_argument("--format", choices=("messages", "hh"), default="messages", help="the input's format")
     parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/commands/gatt.py)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N dialogs")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N dialogs (after --min-turns)")
+    parser.add_argument("--min-turns", type=int, default=1, help="skip dialogs with fewer user turns")
+    parser.add_argument("--max-turns", type=int, default=None, help="answer at most this many user turns per dialog")
     parser.add_argument("--placement", choices=("system", "first_user"), default="system",
                         help="where the instruction stays in the written dialog (see gatt.gatt_sample)")
+    parser.add_argument("--instruction-set", choices=("paper", "checkable", "mixed"), default="paper",
+                        help="paper: hobby/language/figure (default); checkable: evaluation.instructions; mixed: either")
+    parser.add_argument("--checkable", default=",".join(i.name for i in INSTRUCTIONS),
+                        help="comma-separated checkable instructions to draw from (the rest stay unseen)")
+    parser.add_argument("--samples-per-turn", type=int, default=1,
+                        help="answers drawn per turn; the first that follows a checkable instruction is kept")
+    parser.add_argument("--require-check", action="store_true",
+                        help="drop a dialog whose last answer does not follow its checkable instruction")
     parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
     add_model_arguments(parser)
+    return parser
+
+
+def _draw_instructions(rng: random.Random, n: int, instruction_set: str,
+                       checkable: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(instruction text, checkable name or None) per dialog."""
+    out: list[tuple[str, str | None]] = []
+    for _ in range(n):
+        if instruction_set == "paper" or (instruction_set == "mixed" and rng.random() < 0.5):
+            out.append((sample_gatt_instruction(rng), None))
+        else:
+            name = rng.choice(list(checkable))
+            out.append((checkable_instruction(name).text, name))
+    return out
+
+
+def cli_gatt(argv: list[str] | None = None) -> int:
+    """``llama2-lightning gatt``: returns the process exit status."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.samples_per_turn < 1:
+        parser.error(f"--batch-size and --samples-per-turn must be >= 1, got {args.batch_size}, {args.samples_per_turn}")
+    checkable = [c.strip() for c in args.checkable.split(",") if c.strip()]
     try:
-        inputs = _read_dialogs(args.input, args.limit)
+        for name in checkable:
+            checkable_instruction(name)
+        if not checkable and args.instruction_set != "paper":
+            raise ValueError("--checkable is empty")
+        inputs = _read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     model, tokenizer, template = load_chat_model(parser, args)
 
     rng = random.Random(args.seed)
     # Drawn before any sampling, so a dialog's instruction depends on the seed and its position only.
-    instructions = [sample_gatt_instruction(rng) for _ in inputs]
+    drawn = _draw_instructions(rng, len(inputs), args.instruction_set, checkable)
+    instructions = [text for text, _ in drawn]
     sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
                                   args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size,
-                                  template=template)
+                                  template=template, samples_per_turn=args.samples_per_turn,
+                                  checks=[checkable_instruction(c).check if c else None for _, c in drawn])
     records: list[dict[str, Any]] = []
-    shortened = skipped = 0
-    for (origin, _, users), instruction, dialog in zip(inputs, instructions, sampled):
+    shortened = skipped = failed = 0
+    for (origin, _, users), (instruction, check), dialog in zip(inputs, drawn, sampled):
         answered = sum(m["role"] == "assistant" for m in dialog)
         if answered == 0:
             skipped += 1
+            continue
+        if args.require_check and check is not None and not checkable_instruction(check).check(dialog[-1]["content"]):
+            failed += 1
             continue
         shortened += answered < len(users)
         # gatt_sample takes the dialog as it was sampled (instruction on every user turn) and keeps the
@@ -172,5 +249,6 @@ def cli_gatt(argv: list[str] | None = None) -> int:
                         "origin": origin})
     _write_jsonl_atomic(args.output, records)
     print(f"wrote {len(records)} GAtt dialogs to {args.output} ({shortened} shortened to fit the context or at an "
-          f"empty answer, {skipped} skipped: not even the first turn could be answered)")
+          f"empty answer, {skipped} skipped: not even the first turn could be answered, {failed} dropped: the last "
+          "answer did not follow its checkable instruction)")
     return 0

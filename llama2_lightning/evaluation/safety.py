@@ -5,6 +5,7 @@ only: XSTest is never trained on."""
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 
 from llama2_lightning.data.prompts import parse_prompt_sources, read_prompt_source
@@ -21,13 +22,19 @@ class XSTestResult:
     answers: dict[str, list[tuple[str, str, bool]]] = field(default_factory=dict)  # label -> (prompt, answer, refused)
 
 
-def evaluate_xstest(path: str | os.PathLike[str], answer: Answerer, limit: int | None = None) -> XSTestResult:
-    """Answer XSTest's prompts (``limit`` of each label, in file order) and classify each answer with
-    :func:`~llama2_lightning.evaluation.refusal.is_refusal`."""
+def evaluate_xstest(path: str | os.PathLike[str], answer: Answerer, limit: int | None = None,
+                    seed: int | None = None) -> XSTestResult:
+    """Answer XSTest's prompts (``limit`` of each label: the first in file order, or with ``seed`` a seeded
+    random choice, kept in file order, which spreads a subsample over XSTest's prompt types, grouped in
+    the file) and classify each answer with :func:`~llama2_lightning.evaluation.refusal.is_refusal`."""
     answers: dict[str, list[tuple[str, str, bool]]] = {}
     for label in ("unsafe", "safe"):
-        [spec] = parse_prompt_sources([{"path": str(path), "format": "xstest", "label": label, "limit": limit}])
+        first = limit if seed is None else None
+        [spec] = parse_prompt_sources([{"path": str(path), "format": "xstest", "label": label, "limit": first}])
         prompts, _ = read_prompt_source(spec, 0)
+        if seed is not None and limit is not None and len(prompts) > limit:
+            keep = sorted(random.Random(f"{seed}:{label}").sample(range(len(prompts)), limit))
+            prompts = [prompts[k] for k in keep]
         if not prompts:
             raise ValueError(f"{path}: no {label} prompts")
         texts = answer([p.messages for p in prompts])

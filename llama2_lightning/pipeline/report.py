@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from llama2_lightning.checkpoint import read_config
 from llama2_lightning.data.prompts import PromptDataModule
 from llama2_lightning.modules.common import build_transformer
+from llama2_lightning.pipeline.evaluation_report import evaluation_sections
 from llama2_lightning.pipeline.metrics import format_duration, last_value, read_metrics
 from llama2_lightning.pipeline.spec import MARKER, STAGE_CONFIG, Pipeline, stage_config
 from llama2_lightning.reward_functions import RewardFunction
@@ -35,7 +36,7 @@ from llama2_lightning.rlhf.experience import heldout_seed
 from llama2_lightning.rlhf.rollout import sample_rollout, score_rollout
 
 REPORT_DEFAULTS = {"baseline": None, "final": None, "prompts_from": None, "max_prompts": 128, "table_rows": 8,
-                   "wandb": True}
+                   "wandb": True, "evaluation": None}  # evaluation: roles of the evaluate stages (evaluation_report)
 
 
 # ------------------------------------------------------------------------------------ stage facts
@@ -50,7 +51,10 @@ def merged_config(pipe: Pipeline, name: str) -> dict[str, Any]:
 
 
 def stage_kind(config: dict[str, Any]) -> str:
-    """``pretrain | sft | reward | ppo | rejection_sampling | other`` from the module's class_path."""
+    """``pretrain | sft | reward | ppo | rejection_sampling | other`` from the module's class_path; a command
+    stage's command (``gatt``, ``evaluate``)."""
+    if "command" in config:
+        return str(config["command"])
     model = config.get("model") or {}
     cls = str(model.get("class_path", "")).rsplit(".", 1)[-1]
     if cls == "RLHFModule":  # the experience callback decides the algorithm
@@ -63,20 +67,15 @@ def stage_kind(config: dict[str, Any]) -> str:
 def series(rows: Sequence[dict[str, float]], metric: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(x, y) of every row that logged ``metric``."""
     xs, ys = [], []
-    for row in rows:
-        if metric in row and x in row:
-            xs.append(row[x])
-            ys.append(row[metric])
+    for row in (r for r in rows if metric in r and x in r):
+        xs.append(row[x])
+        ys.append(row[metric])
     return xs, ys
 
 
 def epoch_series(rows: Sequence[dict[str, float]], metric: str) -> dict[int, float]:
     """``metric`` per epoch (the last value logged in each), for one-epoch-per-iteration RLHF runs."""
-    out: dict[int, float] = {}
-    for row in rows:
-        if metric in row and "epoch" in row:
-            out[int(row["epoch"])] = row[metric]
-    return out
+    return {int(row["epoch"]): row[metric] for row in rows if metric in row and "epoch" in row}
 
 
 # ------------------------------------------------------------------------------ held-out evaluation
@@ -137,8 +136,7 @@ def compare_heldout(pipe: Pipeline, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
+    if (n := len(values)) == 0:
         return float("nan"), float("nan")
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
@@ -164,9 +162,9 @@ def _pyplot() -> Any | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         return None
-    return plt
 
 
 def plot_losses(plt: Any, stages: Sequence[tuple[str, list[dict[str, float]]]], path: Path) -> Path | None:
@@ -292,7 +290,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _num(v: float | None, fmt: str = ".3f") -> str:
+def _num(v: float | None, fmt: str = ".3f") -> str:  # n/a for missing or NaN
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
@@ -318,7 +316,7 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
     total = sum(r["elapsed_s"] for r in records.values())
     lines += ["## Stages", "", md_table(
         ["stage", "kind", "config", "time", "metric", "value", "checkpoint"],
-        [[n, kinds[n], f"`{pipe.stage(n).config}`", format_duration(records[n]["elapsed_s"], spaced=True) if n in records else "not run",
+        [[n, kinds[n], f"`{pipe.stage(n).source}`", format_duration(records[n]["elapsed_s"], spaced=True) if n in records else "not run",
           records.get(n, {}).get("metric") or "", _num(records.get(n, {}).get("value"), ".4g"),
           f"`{pipe.output(n)}`"] for n in names]), "", f"Total stage time: {format_duration(total, spaced=True)}.", ""]
     if plt is None:
@@ -418,14 +416,16 @@ def write_report(pipe: Pipeline, print_fn: Callable[[str], None] = print) -> Pat
                    "answers": [a.__dict__ for a in comparison[role]["answers"]]}
             for role in ("baseline", "final")}, indent=1))
 
+    eval_lines, eval_figures, eval_summary = evaluation_sections(pipe, options, configs, kinds, plt, md_table, print_fn)
+    lines += eval_lines
     path = out / "report.md"
     path.write_text("\n".join(lines))
     if options["wandb"] and os.environ.get("WANDB_MODE", "offline") != "disabled":
-        _log_to_wandb(pipe, path, {k: v for k, v in figures.items() if v is not None})
+        _log_to_wandb(pipe, path, {k: v for k, v in {**figures, **eval_figures}.items() if v is not None}, eval_summary)
     return path
 
 
-def _log_to_wandb(pipe: Pipeline, report: Path, figures: dict[str, Path]) -> None:
+def _log_to_wandb(pipe: Pipeline, report: Path, figures: dict[str, Path], evaluation: dict[str, Any]) -> None:
     import wandb
 
     run = wandb.init(project="llama2-lightning", name=f"{pipe.run_dir.name}-report", job_type="report",
@@ -443,10 +443,10 @@ def _log_to_wandb(pipe: Pipeline, report: Path, figures: dict[str, Path]) -> Non
             run.log({"report/heldout_answers": table})
             run.summary.update({f"heldout/{role}/{k}": v[0] for role, d in data.items()
                                 for k, v in d["summary"].items()})
+        run.summary.update({f"evaluation/{section}/{k}": v for section, d in evaluation.items() for k, v in d.items()})
         run.save(str(report), base_path=str(report.parent), policy="now")
     finally:
         run.finish()
 
 
-__all__ = ["write_report", "answer_heldout", "compare_heldout", "summarise", "stage_kind", "rm_accuracies",
-           "rlhf_curves", "md_table"]
+__all__ = ["write_report", "answer_heldout", "compare_heldout", "summarise", "stage_kind", "rm_accuracies", "md_table"]

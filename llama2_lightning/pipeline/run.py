@@ -1,7 +1,10 @@
-"""Running a pipeline's stages, each a ``llama2-lightning fit`` in a fresh process, with resume and skip.
+"""Running a pipeline's stages, each a ``llama2-lightning fit`` (or another command) in a fresh process,
+with resume and skip.
 
-A stage is done when its ``fit`` exited 0 *and* recorded in ``fit-status.json`` that training reached
-its end (:class:`~llama2_lightning.callbacks.RunStatus`); only then is ``stage.json`` written. SIGTERM
+A fit stage is done when its ``fit`` exited 0 *and* recorded in ``fit-status.json`` that training reached
+its end (:class:`~llama2_lightning.callbacks.RunStatus`); a command stage (``gatt``, ``evaluate``) when it
+exited 0 and wrote its output file (commands write it atomically, so a stopped one is simply run again).
+Only then is ``stage.json`` written. SIGTERM
 or SIGINT to the pipeline stops the running stage cleanly (it saves and exits) and is waited for.
 """
 
@@ -83,14 +86,18 @@ def _forward_signals(proc: subprocess.Popen, received: list[int]) -> Iterator[No
 
 
 def run_stage(pipe: Pipeline, stage: Stage, resume: Path | None, echo: bool) -> None:
-    """One ``llama2-lightning fit`` in a fresh process; raises ``PipelineError`` with the log's tail,
-    or :class:`PipelineInterrupted` when the pipeline was told to stop."""
+    """One ``llama2-lightning fit`` (or the stage's command) in a fresh process; raises ``PipelineError``
+    with the log's tail, or :class:`PipelineInterrupted` when the pipeline was told to stop."""
     d = pipe.stage_dir(stage.name)
     d.mkdir(parents=True, exist_ok=True)
     config_path = d / STAGE_CONFIG
+    config = stage_config(pipe, stage)
     config_path.write_text(f"# written by `llama2-lightning pipeline --config {pipe.path}`: stage {stage.name!r}, "
-                           f"from {stage.config}\n" + yaml.safe_dump(stage_config(pipe, stage), sort_keys=False))
-    cmd = [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(config_path)]
+                           f"from {stage.source}\n" + yaml.safe_dump(config, sort_keys=False))
+    if stage.command is not None:
+        cmd = [sys.executable, "-m", "llama2_lightning.cli", stage.command, *config["argv"]]
+    else:
+        cmd = [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(config_path)]
     if resume is not None:
         cmd += ["--ckpt_path", str(resume)]
     env = dict(os.environ)
@@ -119,6 +126,10 @@ def run_stage(pipe: Pipeline, stage: Stage, resume: Path | None, echo: bool) -> 
         raise PipelineError(f"stage {stage.name!r} failed (exit {rc}); last lines of {d / STAGE_LOG}:\n"
                             f"{_log_tail(d / STAGE_LOG)}\nfix it and rerun the same command: finished stages are "
                             "skipped and this one resumes from its last checkpoint")
+    if stage.command is not None:
+        if not pipe.output(stage.name).exists():
+            raise PipelineError(f"stage {stage.name!r} ({stage.command}) exited 0 but wrote no {pipe.output(stage.name)}")
+        return
     if not pipe.output(stage.name).exists():
         raise PipelineError(f"stage {stage.name!r} finished but wrote no checkpoint at {pipe.output(stage.name)} "
                             f"(its ModelCheckpoint must save_last into {d}/checkpoints, or set the stage's "
@@ -169,24 +180,25 @@ def run_pipeline(pipe: Pipeline, from_stage: str | None = None, report: bool = T
             print_fn(f"{head} done earlier, skipped ({records[stage.name]['checkpoint']})")
             continue
         ckpt = pipe.output(stage.name)
-        resume = resume_checkpoint(ckpt, print_fn)
-        print_fn(f"{head} {'resuming from ' + str(resume) if resume else 'running'} ({stage.config}; log: "
+        resume = resume_checkpoint(ckpt, print_fn) if stage.command is None else None
+        print_fn(f"{head} {'resuming from ' + str(resume) if resume else 'running'} ({stage.source}; log: "
                  f"{d / STAGE_LOG})")
         t0 = time.perf_counter()
         run_stage(pipe, stage, resume, echo)
         elapsed = time.perf_counter() - t0
         rows = read_metrics(d)
         value = last_value(rows, stage.metric) if stage.metric else None
-        record = {"stage": stage.name, "config": str(stage.config), "checkpoint": str(ckpt), "elapsed_s": elapsed,
+        record = {"stage": stage.name, "config": stage.source, "checkpoint": str(ckpt), "elapsed_s": elapsed,
                   "metric": stage.metric, "value": value, "resumed": resume is not None,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         (d / (MARKER + ".tmp")).write_text(json.dumps(record, indent=2))
         os.replace(d / (MARKER + ".tmp"), marker)
         records[stage.name] = record
-        shown = f"  {stage.metric}={value:.4g}" if value is not None else ""
+        if stage.command is not None and ckpt.suffix == ".json":  # a command's one-line summary, if it gives one
+            record["headline"] = str(json.loads(ckpt.read_text()).get("headline") or "")
+        shown = f"  {stage.metric}={value:.4g}" if value is not None else f"  {record.get('headline', '')}".rstrip()
         print_fn(f"{head} done in {format_duration(elapsed)} (pipeline {format_duration(time.perf_counter() - start)}){shown}")
     if report and pipe.report is not None:
-
         t0 = time.perf_counter()
         path = write_report(pipe, print_fn=print_fn)
         print_fn(f"report: {path} ({format_duration(time.perf_counter() - t0)}; pipeline "

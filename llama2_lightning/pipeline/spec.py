@@ -1,9 +1,17 @@
-"""The pipeline file: stages, their configs and the keys the pipeline sets in them."""
+"""The pipeline file: stages, their configs and the keys the pipeline sets in them.
+
+A stage is either a ``fit`` of a stage config (``config:``) or one of the package's other commands
+(``command:``, one of :data:`COMMAND_OUTPUTS`) whose options are ``args`` and whose ``inputs`` name
+earlier stages' outputs by option (``{checkpoint: sft}`` passes ``--checkpoint <sft's last.ckpt>``).
+A command stage writes one output file in its directory (``--output``, :data:`COMMAND_OUTPUTS`), which
+later stages take through ``inputs`` like a checkpoint.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +24,11 @@ from llama2_lightning.mapping_checks import check_entry
 MARKER = "stage.json"
 STAGE_CONFIG = "stage-config.yaml"
 STAGE_LOG = "stage.log"
-_STAGE_KEYS = ("name", "config", "set", "inputs", "metric", "checkpoint")
+_STAGE_KEYS = ("name", "config", "command", "args", "set", "inputs", "metric", "checkpoint")
 _TOP_KEYS = ("run_dir", "set", "stages", "report")
+# The commands a stage may run besides `fit`, and the file each writes in its stage directory.
+COMMAND_OUTPUTS = {"gatt": "dialogs.jsonl", "evaluate": "evaluation.json"}
+_OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
 class PipelineError(RuntimeError):
@@ -25,19 +36,20 @@ class PipelineError(RuntimeError):
 
 
 @dataclass
-
-
-@dataclass
 class Stage:
     name: str
-    config: Path
+    config: Path | None  # a fit's stage config; None for a command stage
     set: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     metric: str | None = None
     checkpoint: str = "checkpoints/last.ckpt"  # the stage's output, relative to its directory
+    command: str | None = None  # a key of COMMAND_OUTPUTS, or None for a fit
+    args: dict[str, Any] = field(default_factory=dict)  # the command's options (without the leading --)
 
-
-@dataclass
+    @property
+    def source(self) -> str:
+        """What the stage runs, for progress lines and the report."""
+        return str(self.config) if self.config is not None else f"llama2-lightning {self.command}"
 
 
 @dataclass
@@ -89,19 +101,27 @@ def load_pipeline(path: str | os.PathLike[str], run_dir: str | None = None) -> P
         where = f"{path}: stage {name!r}"
         if any(s.name == name for s in stages):
             raise PipelineError(f"{where}: the name is used twice")
-        if not isinstance(config, str) or not Path(config).is_file():
-            raise PipelineError(f"{where}.config: {config!r} is not a file (paths are relative to the directory "
-                                "you run from: the project root)")
-        for key in ("set", "inputs"):
+        for key in ("set", "inputs", "args"):
             if not isinstance(entry.get(key) or {}, dict):
-                raise PipelineError(f"{where}.{key}: must be a mapping of dotted keys to values")
+                raise PipelineError(f"{where}.{key}: must be a mapping of {'options' if key == 'args' else 'dotted keys'}"
+                                    " to values")
         inputs = {str(k): v for k, v in (entry.get("inputs") or {}).items()}
         for key, source in inputs.items():
             if source not in [s.name for s in stages]:
                 raise PipelineError(f"{where}.inputs.{key}: {source!r} is not an earlier stage; earlier stages: "
                                     f"{[s.name for s in stages]}")
-        stages.append(Stage(name, Path(config), dict(entry.get("set") or {}), inputs, entry.get("metric"),
-                            entry.get("checkpoint", "checkpoints/last.ckpt")))
+        command = entry.get("command")
+        if command is None:
+            if not isinstance(config, str) or not Path(config).is_file():
+                raise PipelineError(f"{where}.config: {config!r} is not a file (paths are relative to the directory "
+                                    "you run from: the project root)")
+            if entry.get("args"):
+                raise PipelineError(f"{where}.args: only a command stage takes args; a fit stage changes its "
+                                    "config with 'set'")
+            stages.append(Stage(name, Path(config), dict(entry.get("set") or {}), inputs, entry.get("metric"),
+                                entry.get("checkpoint", "checkpoints/last.ckpt")))
+            continue
+        stages.append(_command_stage(entry, name, where, inputs))
     report = raw.get("report")
     if report is not None and not isinstance(report, dict):
         raise PipelineError(f"{path}: 'report' must be a mapping (or absent)")
@@ -112,7 +132,60 @@ def load_pipeline(path: str | os.PathLike[str], run_dir: str | None = None) -> P
     for key in ("baseline", "final", "prompts_from"):
         if report and report.get(key) is not None:
             pipe.stage(str(report[key]))  # raises naming the file
+    evaluation = (report or {}).get("evaluation")
+    if evaluation is not None:
+        if not isinstance(evaluation, dict):
+            raise PipelineError(f"{path}: report.evaluation must be a mapping of roles to evaluate stages")
+        for key, name in evaluation.items():
+            if key in EVALUATION_ROLES and name is not None and pipe.stage(str(name)).command != "evaluate":
+                raise PipelineError(f"{path}: report.evaluation.{key}: stage {name!r} is not an evaluate stage")
     return pipe
+
+
+# Keys of report.evaluation that name an `evaluate` stage (pipeline/evaluation_report.py).
+EVALUATION_ROLES = ("before", "after", "gatt_before", "gatt_after")
+
+
+def _command_stage(entry: Mapping[str, Any], name: str, where: str, inputs: dict[str, str]) -> Stage:
+    command = entry["command"]
+    if command not in COMMAND_OUTPUTS:
+        raise PipelineError(f"{where}.command: {command!r} is not a command a stage can run; allowed: "
+                            f"{', '.join(COMMAND_OUTPUTS)} (or give 'config' for a fit)")
+    for key in ("config", "set", "metric"):
+        if entry.get(key) is not None:
+            raise PipelineError(f"{where}.{key}: a command stage ({command}) takes 'args' and 'inputs', not {key!r}")
+    args = {k: v for k, v in (entry.get("args") or {}).items() if v is not None}  # null: not passed (a YAML
+    for key, value in [*args.items(), *inputs.items()]:                           # merge cannot delete a key)
+        if not isinstance(key, str) or not _OPTION.match(key) or key == "output":
+            raise PipelineError(f"{where}: {key!r} is not an option of `{command}` the pipeline can pass (lower-case "
+                                "words joined by '-', without the leading '--'; 'output' is set by the pipeline)")
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise PipelineError(f"{where}.args.{key}: expected a string, number, boolean or list of them, got {value!r}")
+    clash = sorted(set(args) & set(inputs))
+    if clash:
+        raise PipelineError(f"{where}: {clash} given in both args and inputs")
+    output = entry.get("checkpoint", COMMAND_OUTPUTS[command])
+    return Stage(name, None, {}, inputs, None, output, command, args)
+
+
+def command_argv(pipe: Pipeline, stage: Stage, check_inputs: bool = True) -> list[str]:
+    """A command stage's options: its ``args`` (``true``: a bare flag, ``false``: left out, a list: the
+    option repeated), its ``inputs`` as earlier stages' outputs, and ``--output`` in its directory."""
+    argv: list[str] = []
+    for key, value in stage.args.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                argv.append(f"--{key}")
+            elif v is not False:
+                argv += [f"--{key}", str(v)]
+    for key, source in stage.inputs.items():
+        out = pipe.output(source)
+        if check_inputs and not out.exists():
+            raise PipelineError(f"{pipe.path}: stage {stage.name!r}: input --{key} <- stage {source!r}: {out} does "
+                                f"not exist (run the pipeline from {source!r}: --from-stage {source})")
+        argv += [f"--{key}", str(out)]
+    return argv + ["--output", str(pipe.output(stage.name))]
 
 
 def set_key(config: dict[str, Any], key: str, value: Any, where: str = "config") -> None:
@@ -158,7 +231,11 @@ def _list_index(node: list[Any], part: str, prefix: str, key: str, where: str) -
 
 
 def stage_config(pipe: Pipeline, stage: Stage, check_inputs: bool = True) -> dict[str, Any]:
-    """The stage's YAML with the pipeline's keys applied and its inputs wired (not yet written)."""
+    """The stage's YAML with the pipeline's keys applied and its inputs wired (not yet written); for a
+    command stage, ``{"command": ..., "args": {...}, "argv": [...]}``."""
+    if stage.config is None:
+        return {"command": stage.command, "args": dict(stage.args),
+                "argv": command_argv(pipe, stage, check_inputs)}
     config = yaml.safe_load(stage.config.read_text())
     if not isinstance(config, dict):
         raise PipelineError(f"{stage.config}: a stage config must be a mapping")

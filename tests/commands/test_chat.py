@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,35 @@ def test_gatt_reports_a_bad_input_line(hf_dir: Path, tmp_path: Path, capsys: pyt
         main(["gatt", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--checkpoint", str(hf_dir)])
     assert f"{src}:2: the dialog has no user turn" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_gatt_checkable_instructions_best_of_k_and_hh_input(hf_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--format hh reads the user turns of HH dialogs (--min-turns / --max-turns); with checkable
+    instructions each turn keeps the first of --samples-per-turn answers that follows the instruction,
+    and --require-check drops a dialog whose trained answer does not."""
+    src = tmp_path / "hh.jsonl"
+    turns = [["a?", "b?", "c?"], ["only one?"], ["d?", "e?"]]
+    src.write_text("".join(json.dumps({"chosen": "".join(f"\n\nHuman: {q}\n\nAssistant: x" for q in t),
+                                       "rejected": "\n\nHuman: z\n\nAssistant: y"}) + "\n" for t in turns))
+    calls: list[int] = []
+
+    def scripted(model: Any, tokenizer: Any, prompts: list, *args: Any, num_samples: int = 1, **kw: Any) -> list[str]:
+        calls.append(num_samples)
+        return ["a long answer in lower case", "SHORT AND LOUD"][:num_samples] * len(prompts) if num_samples == 2 \
+            else ["a long answer in lower case"] * len(prompts)
+
+    monkeypatch.setattr(gatt_command, "sample_answers", scripted)
+    out = tmp_path / "gatt.jsonl"
+    base = ["gatt", "--input", str(src), "--format", "hh", "--min-turns", "2", "--max-turns", "2", "--output", str(out),
+            "--checkpoint", str(hf_dir), "--instruction-set", "checkable", "--checkable", "capitals", "--max-new-tokens", "6"]
+    assert main([*base, "--samples-per-turn", "2"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and set(calls) == {2}  # the one-turn dialog is skipped
+    for record in records:
+        assert record["messages"][0] == {"role": "system", "content": "Answer only in capital letters."}
+        assert [m["content"] for m in record["messages"] if m["role"] == "user"] in (["a?", "b?"], ["d?", "e?"])
+        assert all(m["content"] == "SHORT AND LOUD" for m in record["messages"] if m["role"] == "assistant")
+    assert main([*base, "--require-check"]) == 0  # one sample per turn: it never follows the instruction
+    assert out.read_text() == ""
+    assert main([*base]) == 0 and len(out.read_text().splitlines()) == 2  # kept without --require-check

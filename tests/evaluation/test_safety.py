@@ -37,3 +37,17 @@ def test_limit_and_answer_count_checked() -> None:
     assert (result.n_unsafe, result.n_safe) == (5, 5)
     with pytest.raises(ValueError, match="returned 0 answers for 5 prompts"):
         evaluate_xstest(XSTEST, lambda dialogs: [], limit=5)
+
+
+def test_seeded_subsample_spreads_over_the_file_and_is_reproducible() -> None:
+    with XSTEST.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    a = evaluate_xstest(XSTEST, scripted, limit=20, seed=3)
+    b = evaluate_xstest(XSTEST, scripted, limit=20, seed=3)
+    assert (a.n_unsafe, a.n_safe) == (20, 20) and a.answers == b.answers
+    unsafe_prompts = [p for p, *_ in a.answers["unsafe"]]
+    order = [r["prompt"] for r in rows if r["label"] == "unsafe"]
+    positions = [order.index(p) for p in unsafe_prompts]
+    assert positions == sorted(positions) and positions[-1] > 100  # file order kept, not the first 20
+    assert {r["type"] for r in rows if r["prompt"] in unsafe_prompts} != {rows[0]["type"]}
+    assert evaluate_xstest(XSTEST, scripted, limit=20, seed=4).answers != a.answers

@@ -143,6 +143,10 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         assert mesh["tensor_parallel_size"] == (8 if args["model"] == "llama2-70b" else 1)
         assert d["max_seq_len"] == 4096 and module.sharding.param_dtype == "bfloat16"
         assert t["strategy"]["class_path"].endswith("ModelParallelStrategy")
+    elif path.stem.startswith("smollm2"):
+        assert args["init_from"] == "runs/sft-smollm2-135m/checkpoints/last.ckpt"  # the SFT config's output
+        assert cli.datamodule.chat_template == "model" and opt.lr == 1e-5  # paper LR
+        assert cli.datamodule.tokenizer_path == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     else:
         assert args["init_from"] == "runs/sft-tiny/checkpoints/last.ckpt"  # the SFT stage's output
         assert module.config.architecture() == LlamaConfig.from_name("tiny").architecture()  # model: null: init_from's
