@@ -155,7 +155,11 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
     if path.stem.endswith("helpful"):
         assert "helpful" in sources[0]["path"] and sources[0]["weight"] == 0.5  # helpfulness data, used whole
     else:
-        assert sources[0]["is_safety"] and sources[0]["weight"] == 0.9  # safety : helpfulness = 90 : 10
+        # safety : helpfulness = 90 : 10. A weight is a fraction of the whole mixture: the paper configs
+        # use every safety source whole (no weight) around 10% of helpfulness; the shipped-data configs
+        # weight both of their sources
+        assert sources[0]["is_safety"] and sources[0].get("weight", 0.9) == 0.9
+        assert all("weight" not in s for s in sources if s["is_safety"]) or len(sources) == 2
         assert sum(s["weight"] for s in sources if not s["is_safety"]) == pytest.approx(0.1)
 
 
