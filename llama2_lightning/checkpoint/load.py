@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,10 +52,8 @@ def read_config(path: str | os.PathLike[str], fmt: str | None = None) -> LlamaCo
     if fmt == "hf":
         return LlamaConfig.from_hf_config(path)
     if fmt == "meta":
-        params = json.loads((path / "params.json").read_text())
-        if params.get("vocab_size", -1) > 0:
-            return LlamaConfig.from_meta_params(path / "params.json")
-        return read_meta_config(path)  # the vocabulary size is only in the embedding's shape
+        # params.json cannot say "tied" (nor, in Llama 2's, the vocabulary size): shard 0 tells both
+        return read_meta_config(path)
     if fmt == "lightning":
         meta = read_checkpoint_state(path)  # a .ckpt, or a sharded directory's meta.pt (no tensors read)
         if not isinstance(meta.get("llama_config"), Mapping):

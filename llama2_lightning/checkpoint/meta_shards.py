@@ -105,8 +105,9 @@ def read_meta_config(src_dir: str | os.PathLike[str]) -> LlamaConfig:
     """The config of a Meta directory without merging its shards: Llama 2's ``params.json`` says
     ``vocab_size: -1``, so the vocabulary comes from the embedding's rows in shard 0 (not split: Meta
     splits the embedding on dim 1). Tied when there is no ``output`` weight, or when it is a copy of
-    the embedding (``save_meta`` writes one), judged on the first vocabulary row of both in shard 0
-    (a few KB of the memory-mapped file: an untied head does not repeat an embedding row exactly)."""
+    the embedding (``save_meta`` writes one), judged on the block both hold in shard 0: the first
+    V / N vocabulary rows and C / N columns, 1/N^2 of the tensor read through the memory map (an untied
+    head does not repeat that much of the embedding exactly)."""
     shards = MetaShards(src_dir)
     emb = shards.tensor(0, "tok_embeddings.weight")  # (V, C / N)
     params = json.loads((shards.src / "params.json").read_text())
@@ -115,8 +116,8 @@ def read_meta_config(src_dir: str | os.PathLike[str]) -> LlamaConfig:
     names = shards.names(0)
     if "output.weight" in names:
         out = shards.tensor(0, "output.weight")  # (V / N, C)
-        cols = emb.shape[1]  # row 0 of the whole output and embedding, the columns shard 0 holds of both
-        tied = torch.equal(out[0, :cols], emb[0, :cols])
+        rows, cols = out.shape[0], emb.shape[1]  # the block of the whole tensors that shard 0 holds of both
+        tied = out.shape[1] == emb.shape[1] * len(shards) and torch.equal(out[:rows, :cols], emb[:rows, :cols])
     else:
         tied = True
     return LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True}) if tied else config

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from llama2_lightning.checkpoint import detect_format, load_checkpoint, read_config
 from llama2_lightning.checkpoint.hf_weights import hf_weights
 from llama2_lightning.checkpoint.meta_shards import MetaShards, meta_weights
+from llama2_lightning.checkpoint.state_dict import check_state_dict, expected_shapes
 from llama2_lightning.config import LlamaConfig
 from llama2_lightning.distributed import is_sharded, shard_for_training
 from llama2_lightning.model import Transformer
@@ -82,8 +83,12 @@ def load_initial_weights(model: nn.Module, init_from: str, device: torch.device 
         shards = MetaShards(init_from)
         tp_mesh = getattr(target, "tensor_parallel_mesh", None)
         own = tp_mesh.get_local_rank() if tp_mesh is not None and tp_mesh.size() == len(shards) else 0
-        state_dict = {prefix + k: v for k, v in meta_weights(shards, own).items()
-                      if prefix + k in own_names or not prefix}
+        weights = meta_weights(shards, own)
+        if config.tie_word_embeddings:
+            weights.pop("output.weight", None)  # save_meta's copy of the embedding, as load_meta drops it
+        # strict, as load_meta: a missing tensor must not be left to materialize's reset_parameters
+        check_state_dict(expected_shapes(config), weights, init_from)  # type: ignore[arg-type]
+        state_dict = {prefix + k: v for k, v in weights.items() if prefix + k in own_names or not prefix}
         materialize(model, device, state_dict, source=str(init_from))  # type: ignore[arg-type]
         return
     lazy = hf_weights(init_from) if detect_format(init_from) == "hf" and is_sharded(model) else None
