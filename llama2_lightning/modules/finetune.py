@@ -37,6 +37,9 @@ ADAPTER = "default"  # peft's adapter name; in the keys below
 LORA_KEY = "lora"  # checkpoint["lora"] = {"adapters": {...}, "base": {...}, "finetune": {...}}
 
 
+# Meta names of the attention maps (Attention); the rest of LORA_TARGETS are FeedForward's
+ATTENTION_MAPS = frozenset({"wq", "wk", "wv", "wo"})
+
 def finetune_group(module: L.LightningModule, key: str, value: FinetuneArgs | dict[str, Any] | None,
                    config: LlamaConfig | None, default: FinetuneArgs | None = FinetuneArgs()) -> FinetuneArgs | None:
     """``value`` as ``FinetuneArgs`` (a checkpoint's dict too; ``None``: ``default``), checked against the
@@ -73,11 +76,14 @@ def apply_finetune(trunk: Transformer, args: FinetuneArgs, key: str = "finetune"
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as err:
         raise ImportError(f"{key}.lora_rank needs peft: pip install 'peft>=0.13' ({err})") from None
+    targets = list(args.lora_targets)
+    if top is not None:
+        # the top blocks' maps by full name (trunk.layers.<i>.<attention|feed_forward>.<map>): peft's
+        # layers_to_transform needs a "." before "layers" in older releases, which a root ModuleList lacks
+        targets = [f"layers.{i}.{'attention' if t in ATTENTION_MAPS else 'feed_forward'}.{t}"
+                   for i in range(first, n_layers) for t in targets]
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=list(args.lora_targets), bias="none",
-                        # blocks are trunk.layers.<i>: peft matches the index after "layers"
-                        layers_to_transform=list(range(first, n_layers)) if top is not None else None,
-                        layers_pattern="layers" if top is not None else None)
+                        target_modules=targets, bias="none")
     inject_adapter_in_model(config, trunk, adapter_name=ADAPTER)  # in place; freezes all but the adapters
 
 
