@@ -35,10 +35,9 @@ from llama2_lightning.modules.args import FinetuneArgs, as_args
 
 ADAPTER = "default"  # peft's adapter name; in the keys below
 LORA_KEY = "lora"  # checkpoint["lora"] = {"adapters": {...}, "base": {...}, "finetune": {...}}
-
-
 # Meta names of the attention maps (Attention); the rest of LORA_TARGETS are FeedForward's
 ATTENTION_MAPS = frozenset({"wq", "wk", "wv", "wo"})
+
 
 def finetune_group(module: L.LightningModule, key: str, value: FinetuneArgs | dict[str, Any] | None,
                    config: LlamaConfig | None, default: FinetuneArgs | None = FinetuneArgs()) -> FinetuneArgs | None:

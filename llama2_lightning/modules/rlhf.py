@@ -73,13 +73,14 @@ class RLHFModule(L.LightningModule):
         compile_rollouts: sample with ``generate(compile=True)``: on CUDA one CUDA graph per decode step
             (6-10x eager for a 1B model on an H200, ``benchmarks/README.md``); on CPU rebuilt after every
             update. Needs an unsharded policy.
-        rollout_batch_size: sequences decoded at once per rank (prompts x samples per prompt, rounded
+        rollout_batch_size: sequences decoded at once per data-parallel replica (prompts x samples, rounded
             down to whole prompts, at least one prompt's samples), which bounds the KV cache; ``None``:
             every prompt of the rank's batch at once. The ``memory`` command reads it.
         optimizer: AdamW for the policy (paper, PPO: lr 1e-6 constant, 0.9/0.95, eps 1e-5, wd 0.1).
         value_lr: the value model's peak learning rate (default ``optimizer.lr``).
         grad_clip: gradient-norm clip, applied to policy and value model separately (paper: 1.0).
-        minibatch_size: sequences per optimiser step (paper: 64, one step per minibatch).
+        minibatch_size: sequences per optimiser step per data-parallel replica (the step's gradient is the
+            token mean over every replica's minibatch: dp x minibatch_size rows; paper: 64 in all).
         micro_batch_size: sequences per forward/backward inside a minibatch (gradient accumulation);
             ``None``: the whole minibatch.
         ppo_epochs: passes over each rollout (paper: 1). sft_epochs: passes over the pool per round.

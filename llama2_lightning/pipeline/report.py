@@ -94,7 +94,7 @@ def answer_heldout(checkpoint: str | Path, datamodule: PromptDataModule, reward:
                    max_new_tokens: int, temperature: float = 1.0, val_seed: int = 1234,
                    device_mesh: DeviceMesh | None = None) -> list[HeldoutAnswer]:
     """Answer every held-out prompt of ``datamodule`` with the policy in ``checkpoint`` and score the
-    answers, sampling exactly as ``RLHFModule``'s validation does (same seeds per batch). With a
+    answers, sampling as ``RLHFModule``'s validation does on one data-parallel replica (its seeds). With a
     ``device_mesh`` (every rank calling this) the policy is laid out and loaded as training does
     (``build_transformer``: each rank reads its slice) and decodes on its TP shards, never gathered."""
     tokenizer = datamodule.tokenizer

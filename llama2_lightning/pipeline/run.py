@@ -191,11 +191,11 @@ def run_pipeline(pipe: Pipeline, from_stage: str | None = None, report: bool = T
         record = {"stage": stage.name, "config": stage.source, "checkpoint": str(ckpt), "elapsed_s": elapsed,
                   "metric": stage.metric, "value": value, "resumed": resume is not None,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (d / (MARKER + ".tmp")).write_text(json.dumps(record, indent=2))
-        os.replace(d / (MARKER + ".tmp"), marker)
-        records[stage.name] = record
         if stage.command is not None and ckpt.suffix == ".json":  # a command's one-line summary, if it gives one
             record["headline"] = str(json.loads(ckpt.read_text()).get("headline") or "")
+        (d / (MARKER + ".tmp")).write_text(json.dumps(record, indent=2))  # the marker last: the stage is done
+        os.replace(d / (MARKER + ".tmp"), marker)
+        records[stage.name] = record
         shown = f"  {stage.metric}={value:.4g}" if value is not None else f"  {record.get('headline', '')}".rstrip()
         print_fn(f"{head} done in {format_duration(elapsed)} (pipeline {format_duration(time.perf_counter() - start)}){shown}")
     if report and pipe.report is not None:
