@@ -116,8 +116,11 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
     big = args.get("model") in PAPER_COUNTS
     # Big configs name their architecture; their placeholder init_from is not read here.
     init = "--model.init_args.init_from=null" if big else f"--model.init_args.init_from={tiny_init}"
-    cli = lightning_cli(["--config", str(path), *ON_ONE_CPU, f"--trainer.default_root_dir={tmp_path}", init],
-                        run=False)
+    # the tiny init has 2 blocks: a config that trains the top N > 2 trains the top 1 here
+    top = (args.get("finetune") or {}).get("trainable_blocks")
+    blocks = [f"--model.init_args.finetune.trainable_blocks={min(top, 1)}"] if top and not big else []
+    cli = lightning_cli(["--config", str(path), *ON_ONE_CPU, f"--trainer.default_root_dir={tmp_path}", init,
+                         *blocks], run=False)
     module, hp, opt = cli.model, cli.model.hparams, cli.model.optimizer_args
     assert isinstance(module, RewardModule)
     # paper, section 3.2.2
@@ -145,7 +148,9 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         assert t["strategy"]["class_path"].endswith("ModelParallelStrategy")
     elif path.stem.startswith("smollm2"):
         assert args["init_from"] == "runs/sft-smollm2-135m/checkpoints/last.ckpt"  # the SFT config's output
-        assert cli.datamodule.chat_template == "model" and opt.lr == 1e-5  # paper LR
+        # the top 4 blocks and the head for 48 steps, at 3x the paper's 1e-5 (a whole epoch of the full model)
+        assert cli.datamodule.chat_template == "model" and opt.lr == 3e-5
+        assert args["finetune"] == {"trainable_blocks": 4} and module.finetune.lora_rank is None
         assert cli.datamodule.tokenizer_path == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     else:
         assert args["init_from"] == "runs/sft-tiny/checkpoints/last.ckpt"  # the SFT stage's output

@@ -149,7 +149,9 @@ def tiny_smollm2_pipeline(tmp_path: Path, gguf: Path) -> Path:
     fits: dict[str, dict[str, Any]] = {
         "sft": {"model.init_args.init_from": str(gguf), "trainer.max_steps": 2, "trainer.val_check_interval": 2,
                 "trainer.limit_val_batches": 1, "data.init_args.max_seq_len": 768, "data.init_args.sources.0.limit": 12},
-        "rm": {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "data.init_args.max_seq_len": 768},
+        # the tiny model has 2 blocks; the real config trains the top 4 of 30
+        "rm": {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "data.init_args.max_seq_len": 768,
+               "model.init_args.finetune.trainable_blocks": 1},
         "rs": {**rlhf, "trainer.callbacks.RejectionSamplingCallback.init_args.num_samples": 2},
         "ppo": {**rlhf, "trainer.max_epochs": 2, "trainer.check_val_every_n_epoch": 1},
     }
