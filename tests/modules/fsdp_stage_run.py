@@ -99,10 +99,11 @@ def main(stage: str, init: str, out: str, world: int, max_steps: int, resume: st
     L.seed_everything(0)
     cls = {"pretrain": PretrainModule, "sft": SFTModule, "reward": RewardModule}[stage]
     # a constant learning rate: the schedule must not depend on max_steps, which differs on resume
+    # pretraining trains every weight (no finetune group); SFT and RM may train only the top blocks
+    extra = {} if stage == "pretrain" else {"finetune": FinetuneArgs(trainable_blocks=trainable_blocks)}
     module = cls(init_from=init, model="tiny",
                  optimizer=OptimizerArgs(lr=1e-3, warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=1.0),
-                 sharding=ShardingArgs(**{**STRATEGY, "param_dtype": param_dtype}),
-                 finetune=FinetuneArgs(trainable_blocks=trainable_blocks))
+                 sharding=ShardingArgs(**{**STRATEGY, "param_dtype": param_dtype}), **extra)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(
