@@ -93,12 +93,11 @@ class HeldoutAnswer:
 def answer_heldout(checkpoint: str | Path, datamodule: PromptDataModule, reward: RewardFunction,
                    max_new_tokens: int, temperature: float = 1.0, val_seed: int = 1234,
                    device_mesh: DeviceMesh | None = None) -> list[HeldoutAnswer]:
-    """Answer every held-out prompt of ``datamodule`` with the policy in ``checkpoint`` and score the
-    answers, sampling as ``RLHFModule``'s validation does on one data-parallel replica (its seeds). With a
-    ``device_mesh`` (every rank calling this) the policy is laid out and loaded as training does
-    (``build_transformer``: each rank reads its slice) and decodes on its TP shards, never gathered."""
-    tokenizer = datamodule.tokenizer
-    policy = build_transformer(read_config(checkpoint), str(checkpoint), device_mesh=device_mesh)
+    """Answer and score every held-out prompt of ``datamodule`` with the policy in ``checkpoint``, with the
+    seeds of ``RLHFModule``'s validation on one data-parallel replica. With a ``device_mesh`` (every rank
+    calling) the policy is built as training does it and decodes on its TP shards, never gathered."""
+    tokenizer, policy = datamodule.tokenizer, build_transformer(read_config(checkpoint), str(checkpoint),
+                                                                device_mesh=device_mesh)
     policy.eval()
     reward.setup(policy.output.weight.device, tokenizer, device_mesh)
     out: list[HeldoutAnswer] = []
