@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ import sentencepiece as spm
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from llama2_lightning.commands.convert import cli_convert  # noqa: E402
 from llama2_lightning.tokenizer import Tokenizer  # noqa: E402
@@ -82,3 +86,20 @@ def smollm2_transformers(smollm2_gguf: Path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
     return model.eval(), tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mesh1() -> Iterator[object]:
+    """A gloo world of one process, and its 1-D data-parallel mesh: the sharded (DTensor) code paths
+    without a second process."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    finally:
+        dist.destroy_process_group()

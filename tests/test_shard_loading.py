@@ -5,17 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from conftest import free_port
 from paths import ROOT
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llama2_lightning.config import LlamaConfig
@@ -25,20 +22,6 @@ from llama2_lightning.modules import SFTModule, common
 from llama2_lightning.modules.args import ShardingArgs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mesh1() -> Iterator[object]:
-    """A gloo world of one process, and its 1-D data-parallel mesh."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture

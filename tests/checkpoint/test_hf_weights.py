@@ -4,14 +4,10 @@ the block, and a sharded SFT model built from an HF directory equals the one bui
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llama2_lightning.checkpoint import load_hf, save_hf
@@ -63,19 +59,6 @@ def test_a_block_reads_only_the_heads_that_hold_it(hf_dir: Path, monkeypatch: py
     assert reads == [(5, 9)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mesh1() -> Iterator[object]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_sharded_model_from_an_hf_directory_reads_it_lazily(hf_dir: Path, mesh1: object,

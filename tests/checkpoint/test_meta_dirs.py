@@ -4,14 +4,10 @@ not ``params.json`` states the vocabulary, and a sharded model loads them as str
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from llama2_lightning.checkpoint import load_meta, read_config, save_meta
 from llama2_lightning.config import LlamaConfig
@@ -48,19 +44,6 @@ def test_an_untied_head_sharing_a_zero_row_with_the_embedding_is_not_tied(tmp_pa
     assert read_config(tmp_path / "meta").tie_word_embeddings is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mesh1() -> Iterator[object]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_sharded_model_refuses_a_meta_directory_missing_a_tensor(tmp_path: Path, mesh1: object) -> None:
