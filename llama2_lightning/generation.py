@@ -165,7 +165,8 @@ def release_compiled_decode(model: Transformer) -> None:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
              seed: int | None = None, num_samples: int = 1, compile: bool = False,
-             output_logits: bool = False, batch_size: int | None = None) -> GenerationOutput:
+             output_logits: bool = False, batch_size: int | None = None,
+             allowed_tokens: Tensor | None = None) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` after each prompt; a row stops at its first ``eos_id``.
 
     ``num_samples``: answers per prompt, returned as ``len(prompts) * num_samples`` rows in the order
@@ -180,6 +181,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     twice the prompt's slots in prefill and attention; padded slots are masked, so the samples are
     those of eager decoding up to floating-point rounding.
 
+    ``allowed_tokens``: (len(prompts), V) bool, the tokens each prompt's answers may use (every other
+    token's logit is -inf before sampling, so the returned logprobs are those of the constrained
+    distribution); the Ghost Attention sampler enforces a checkable instruction with it.
+
     ``batch_size``: decode at most this many prompts at a time (each with its ``num_samples`` rows),
     which bounds the KV cache (B x (P + N) x layers x 2 x G x D); the rows come back in order, as one
     output. A sharded model (FSDP2, not gathered) decodes in lockstep: every rank runs the same number
@@ -190,6 +195,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     with torch.inference_mode(not (is_sharded(model) or compile)), torch.no_grad():
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if allowed_tokens is not None and (allowed_tokens.dim() != 2 or allowed_tokens.size(0) != len(prompts)):
+            raise ValueError(f"allowed_tokens must be (len(prompts)={len(prompts)}, V), got {tuple(allowed_tokens.shape)}")
         size = batch_size or max(len(prompts), 1)
         chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         n_chunks = _max_over_ranks(len(chunks), sync, model.output.weight.device)
@@ -197,8 +204,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         for c in range(n_chunks):
             # a rank with fewer chunks decodes a throwaway one so that the others' collectives complete
             part = chunks[c] if c < len(chunks) else prompts[:1]
+            lo = c * size if c < len(chunks) else 0
+            allowed = None if allowed_tokens is None else allowed_tokens[lo:lo + len(part)]  # (b, V)
             out = _generate(model, part, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-                            None if seed is None else seed + c, num_samples, compile, output_logits, sync)
+                            None if seed is None else seed + c, num_samples, compile, output_logits, sync,
+                            allowed)
             if c < len(chunks):
                 outs.append(out)
         return outs[0] if len(outs) == 1 else _concat(outs, pad_id)
@@ -265,7 +275,8 @@ def _copy_rows_of_cache(model: Transformer, k: int) -> None:
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float, eos_id: int | None, pad_id: int, seed: int | None,
-              num_samples: int, compile: bool, output_logits: bool, sync: object | None = None) -> GenerationOutput:
+              num_samples: int, compile: bool, output_logits: bool, sync: object | None = None,
+              allowed: Tensor | None = None) -> GenerationOutput:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if temperature < 0:
@@ -314,8 +325,10 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
             positions = positions.repeat_interleave(num_samples, dim=0)  # (B, total)
         if isinstance(step, _CompiledDecodeStep):
             step.adopt_cache(model)
+        if allowed is not None:
+            allowed = allowed.to(device).repeat_interleave(num_samples, dim=0)  # (B, V)
         return _decode(step, logits, valid, positions, P, max_new_tokens, temperature, top_k, top_p, eos_id,
-                       pad_id, generator, output_logits, sync, model)
+                       pad_id, generator, output_logits, sync, model, allowed)
     finally:
         model.reset_kv_cache()
         model.train(was_training)
@@ -324,7 +337,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P: int, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float, eos_id: int | None, pad_id: int,
             generator: torch.Generator | None, output_logits: bool, sync: object | None = None,
-            model: nn.Module | None = None) -> GenerationOutput:
+            model: nn.Module | None = None, allowed: Tensor | None = None) -> GenerationOutput:
     """The token loop: ``logits`` (B, V) are the prefill's; ``valid`` / ``positions`` (B, S) per slot."""
     B, V = logits.shape
     device = logits.device
@@ -337,6 +350,8 @@ def _decode(step: nn.Module, logits: Tensor, valid: Tensor, positions: Tensor, P
     for t in range(max_new_tokens):
         if all_logits is not None:
             all_logits[:, t] = logits
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))  # (B, V)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if temperature > 0 and model is not None:
             # tensor parallel: the TP group's ranks hold the same logits but maybe not the same RNG

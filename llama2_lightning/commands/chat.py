@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.chat_template import LLAMA2_FORMAT, MODEL_TEMPLATE, ChatTemplate, resolve_chat_template
@@ -64,11 +65,14 @@ def load_chat_model(parser: argparse.ArgumentParser,
 
 
 def sample_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
+                   temperature: float, top_p: float, seed: int, num_samples: int = 1,
+                   allowed_tokens: Tensor | None = None) -> list[str]:
     """``num_samples`` answers per prompt (ids ending in ``[/INST]``; prompt 0's first), each its text up to
-    the first EOS, stripped the way the chat format strips an answer."""
+    the first EOS, stripped the way the chat format strips an answer. ``allowed_tokens``: as
+    :func:`~llama2_lightning.generation.generate`'s."""
     out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, num_samples=num_samples)
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, num_samples=num_samples,
+                   allowed_tokens=allowed_tokens)
     return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.as_lists()]
 
 

@@ -27,11 +27,13 @@ from typing import Any
 
 from llama2_lightning.commands.arg_types import positive_int
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model
+from llama2_lightning.data.prompt_sources import Prompt
 from llama2_lightning.data.prompts import PromptDataModule
 from llama2_lightning.evaluation.answering import model_answerer
 from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction
 from llama2_lightning.evaluation.suite import EvaluationSettings, RewardScorer, evaluate_answerer, headline
 from llama2_lightning.reward_models import load_reward_model
+from llama2_lightning.tokenizer import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def heldout_hh_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_len: int, val_fraction: float, seed: int,
+                       chat_template: str) -> list[Prompt]:
+    """The held-out prompts of an HH file as the RLHF prompt data splits it (by content: the same
+    ``val_fraction``, ``seed`` and prompt length bound give the same prompts); the evaluation's prompts, which
+    ``llama2-lightning gatt --skip-heldout`` keeps out of its training dialogs."""
+    dm = PromptDataModule(sources=[{"path": str(path), "format": "hh", "is_safety": False, "name": "prompts"}],
+                          tokenizer_path=str(tokenizer.model_path), max_prompt_len=max_prompt_len,
+                          val_fraction=val_fraction, seed=seed, chat_template=chat_template)
+    dm._tokenizer = tokenizer  # already loaded (a GGUF vocabulary takes seconds)
+    return dm.heldout_prompts
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -92,12 +106,8 @@ def cli_evaluate(argv: list[str] | None = None) -> int:
     settings = EvaluationSettings(xstest=args.xstest, xstest_limit=args.xstest_limit, xstest_seed=args.xstest_seed,
                                   gatt_instructions=names)
     if args.prompts is not None and (args.helpful_limit > 0 or args.gatt_dialogs > 0):
-        dm = PromptDataModule(sources=[{"path": args.prompts, "format": "hh", "is_safety": False, "name": "prompts"}],
-                              tokenizer_path=str(tokenizer.model_path), max_prompt_len=args.max_prompt_len,
-                              val_fraction=args.prompt_val_fraction, seed=args.prompt_seed,
-                              chat_template=args.chat_template)
-        dm._tokenizer = tokenizer  # already loaded (a GGUF vocabulary takes seconds)
-        heldout = dm.heldout_prompts
+        heldout = heldout_hh_prompts(args.prompts, tokenizer, args.max_prompt_len, args.prompt_val_fraction,
+                                     args.prompt_seed, args.chat_template)
         settings.helpful_prompts = [p.messages for p in heldout[: max(args.helpful_limit, 0)]]
         # GAtt turns: short single-turn held-out prompts after the helpfulness ones (reused when they run out).
         short = [p.messages[-1]["content"] for p in heldout[len(settings.helpful_prompts):] + heldout

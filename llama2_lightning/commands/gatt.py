@@ -24,7 +24,10 @@ of their ``chosen`` dialog); ``--min-turns`` / ``--max-turns`` keep dialogs with
 cut long ones. ``--instruction-set`` draws the paper's instructions (hobby, language, public figure),
 the machine-checkable ones of :mod:`llama2_lightning.evaluation.instructions` (``--checkable`` names a
 subset, so others stay unseen for evaluation), or either at random (``mixed``). ``--require-check``
-drops a dialog whose last answer (the one trained on) does not follow its checkable instruction.
+drops a dialog whose last answer (the one trained on) does not follow its checkable instruction;
+``--enforce`` puts a checkable instruction into the sampling itself, for a model too small to follow it
+when asked (:mod:`llama2_lightning.gatt_constraints`). ``--skip-heldout`` keeps the evaluation's held-out
+HH prompts (the ``evaluate`` command's) out of the training dialogs.
 """
 
 from __future__ import annotations
@@ -38,21 +41,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
+from llama2_lightning.commands.evaluate import heldout_hh_prompts
 from llama2_lightning.data.readers import parse_hh_dialog
 from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction as checkable_instruction
 from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
+from llama2_lightning.gatt_constraints import allowed_token_mask, finish_answer, token_texts
 from llama2_lightning.jsonl import read_jsonl
 from llama2_lightning.model import Transformer
 from llama2_lightning.tokenizer import Tokenizer
 
 
 def _read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turns: int = 1,
-                  max_turns: int | None = None) -> list[tuple[str, str | None, list[str]]]:
+                  max_turns: int | None = None, exclude: frozenset[str] = frozenset()
+                  ) -> list[tuple[str, str | None, list[str]]]:
     """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file (or of
-    an HH file's ``chosen`` dialogs), keeping dialogs of at least ``min_turns`` user turns, cut to ``max_turns``."""
+    an HH file's ``chosen`` dialogs), keeping dialogs of at least ``min_turns`` user turns, cut to ``max_turns``,
+    that share no user turn with ``exclude``."""
     out: list[tuple[str, str | None, list[str]]] = []
     for lineno, record in read_jsonl(path):
         origin = f"{path}:{lineno}"
@@ -79,7 +89,7 @@ def _read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turn
                 users.append(m["content"])
         if not users:
             raise ValueError(f"{origin}: the dialog has no user turn to answer")
-        if len(users) < min_turns or any(not u.strip() for u in users):
+        if len(users) < min_turns or any(not u.strip() for u in users) or exclude.intersection(users):
             continue
         out.append((origin, system, users[:max_turns]))
         if limit is not None and len(out) >= limit:
@@ -101,12 +111,14 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                         instructions: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
                         seed: int, batch_size: int = 8, template: ChatTemplate | None = None,
                         checks: Sequence[Callable[[str], bool] | None] | None = None,
-                        samples_per_turn: int = 1) -> list[list[Message]]:
+                        samples_per_turn: int = 1, enforced: Sequence[str | None] | None = None) -> list[list[Message]]:
     """Answer each dialog's user turns in order with ``instructions[i]`` appended to every user turn.
 
     With ``samples_per_turn`` K > 1, each turn draws K answers and keeps the first that passes
     ``checks[i]`` (:func:`pick_answer`): rejection sampling on the instruction's program check, so a
     small model that follows an instruction only sometimes still yields dialogs that follow it.
+    ``enforced[i]`` names a checkable instruction to enforce while sampling dialog i
+    (:mod:`llama2_lightning.gatt_constraints`: a token mask, or a closing word added), or is None.
 
     ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
     (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
@@ -117,6 +129,10 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
     if len(dialogs) != len(instructions):
         raise ValueError(f"{len(dialogs)} dialogs but {len(instructions)} instructions")
     seeds = random.Random(seed)  # one generation seed per batch call, in a fixed call order
+    enforced = list(enforced) if enforced is not None else [None] * len(dialogs)
+    if len(enforced) != len(dialogs):
+        raise ValueError(f"{len(dialogs)} dialogs but {len(enforced)} enforced instructions")
+    masks = _enforcement_masks(model, tokenizer, enforced)  # name -> (V,) bool, for the maskable ones
     results: list[list[Message]] = [[{"role": "system", "content": s}] if s is not None else [] for s, _ in dialogs]
     for start in range(0, len(dialogs), batch_size):
         open_rows = set(range(start, min(start + batch_size, len(dialogs))))
@@ -137,9 +153,14 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                 prompts.append(ids)
             if not rows:
                 break
+            allowed = None
+            if any(enforced[i] in masks for i in rows):
+                everything = torch.ones(model.config.vocab_size, dtype=torch.bool)
+                allowed = torch.stack([masks.get(enforced[i], everything) for i in rows])  # (rows, V)
             drawn = sample_answers(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                                   seed=seeds.randrange(2**31), num_samples=samples_per_turn)
-            answers = [pick_answer(drawn[k * samples_per_turn:(k + 1) * samples_per_turn],
+                                   seed=seeds.randrange(2**31), num_samples=samples_per_turn, allowed_tokens=allowed)
+            answers = [pick_answer([finish_answer(enforced[i], a)
+                                    for a in drawn[k * samples_per_turn:(k + 1) * samples_per_turn]],
                                    checks[i] if checks is not None else None) for k, i in enumerate(rows)]
             for i, answer in zip(rows, answers):
                 if not answer:
@@ -149,6 +170,16 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
                                {"role": "assistant", "content": answer}]
             turn += 1
     return results
+
+
+def _enforcement_masks(model: Transformer, tokenizer: Tokenizer, enforced: Sequence[str | None]) -> dict[str, Tensor]:
+    """The allowed-token mask of each enforced instruction a mask can enforce (decoding the vocabulary once)."""
+    names = sorted({n for n in enforced if n is not None})
+    if not names:
+        return {}
+    texts = token_texts(tokenizer)
+    masks = {n: allowed_token_mask(n, texts, model.config.vocab_size, tokenizer.eos_id) for n in names}
+    return {n: m for n, m in masks.items() if m is not None}
 
 
 def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
@@ -186,8 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated checkable instructions to draw from (the rest stay unseen)")
     parser.add_argument("--samples-per-turn", type=int, default=1,
                         help="answers drawn per turn; the first that follows a checkable instruction is kept")
+    parser.add_argument("--enforce", action="store_true",
+                        help="enforce a checkable instruction while sampling (gatt_constraints: capitals and no_e by "
+                             "a token mask, ahoy by adding the closing word; short by --samples-per-turn alone)")
     parser.add_argument("--require-check", action="store_true",
                         help="drop a dialog whose last answer does not follow its checkable instruction")
+    parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
+                        help="with --format hh: skip dialogs sharing a user turn with the input's held-out prompts at "
+                             "this val_fraction (evaluate's --prompt-val-fraction), so GAtt never trains on them")
+    parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed (evaluate's --prompt-seed)")
+    parser.add_argument("--heldout-max-prompt-len", type=int, default=128,
+                        help="the held-out split's prompt bound in tokens (evaluate's --max-prompt-len)")
     parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
     add_model_arguments(parser)
     return parser
@@ -218,10 +258,22 @@ def cli_gatt(argv: list[str] | None = None) -> int:
             checkable_instruction(name)
         if not checkable and args.instruction_set != "paper":
             raise ValueError("--checkable is empty")
-        inputs = _read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns)
+        if args.skip_heldout is not None and args.format != "hh":
+            raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
+        if not args.input.is_file():
+            raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     model, tokenizer, template = load_chat_model(parser, args)
+    exclude: frozenset[str] = frozenset()
+    try:
+        if args.skip_heldout is not None:
+            held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
+                                      args.heldout_seed, args.chat_template)
+            exclude = frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
+        inputs = _read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns, exclude)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
 
     rng = random.Random(args.seed)
     # Drawn before any sampling, so a dialog's instruction depends on the seed and its position only.
@@ -230,7 +282,8 @@ def cli_gatt(argv: list[str] | None = None) -> int:
     sampled = sample_gatt_dialogs(model, tokenizer, [(s, u) for _, s, u in inputs], instructions,
                                   args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size,
                                   template=template, samples_per_turn=args.samples_per_turn,
-                                  checks=[checkable_instruction(c).check if c else None for _, c in drawn])
+                                  checks=[checkable_instruction(c).check if c else None for _, c in drawn],
+                                  enforced=[c for _, c in drawn] if args.enforce else None)
     records: list[dict[str, Any]] = []
     shortened = skipped = failed = 0
     for (origin, _, users), (instruction, check), dialog in zip(inputs, drawn, sampled):

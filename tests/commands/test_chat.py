@@ -230,3 +230,33 @@ def test_gatt_checkable_instructions_best_of_k_and_hh_input(hf_dir: Path, tmp_pa
     assert main([*base, "--require-check"]) == 0  # one sample per turn: it never follows the instruction
     assert out.read_text() == ""
     assert main([*base]) == 0 and len(out.read_text().splitlines()) == 2  # kept without --require-check
+
+
+def test_gatt_skip_heldout_never_trains_on_an_evaluation_prompt(hf_dir: Path, tmp_path: Path, tok: Tokenizer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--skip-heldout drops every HH dialog that shares a user turn with the held-out prompts the evaluate
+    command uses (same file, val_fraction and seed), and --limit counts the dialogs that are left."""
+    from llama2_lightning.commands.evaluate import heldout_hh_prompts
+
+    src = tmp_path / "hh.jsonl"
+    src.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a\n\nHuman: r{i}?\n\nAssistant: x",
+                                       "rejected": f"\n\nHuman: q{i}?\n\nAssistant: a\n\nHuman: r{i}?\n\nAssistant: y"})
+                           + "\n" for i in range(40)))
+    held = {m["content"] for p in heldout_hh_prompts(src, tok, 128, 0.25, 5, "llama2") for m in p.messages
+            if m["role"] == "user"}
+    assert 10 <= len(held) <= 20  # 10 held-out prompts, each with its two user turns
+    monkeypatch.setattr(gatt_command, "sample_answers",
+                        lambda model, tokenizer, prompts, *a, num_samples=1, **kw: ["ok"] * len(prompts) * num_samples)
+    out = tmp_path / "gatt.jsonl"
+    base = ["gatt", "--input", str(src), "--format", "hh", "--output", str(out), "--checkpoint", str(hf_dir),
+            "--max-new-tokens", "4"]
+    assert main([*base, "--skip-heldout", "0.25", "--heldout-seed", "5", "--limit", "40"]) == 0
+    kept = [[m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
+            for line in out.read_text().splitlines()]
+    assert len(kept) == 30 and not held.intersection(u for turns in kept for u in turns)
+    assert main([*base, "--skip-heldout", "0.25", "--heldout-seed", "5", "--limit", "30"]) == 0
+    assert len(out.read_text().splitlines()) == 30  # the limit counts what is left after skipping
+    assert main([*base, "--limit", "40"]) == 0
+    assert len(out.read_text().splitlines()) == 40  # without it, the held-out dialogs are used too
+    with pytest.raises(SystemExit):
+        main(["gatt", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--skip-heldout", "0.1"])
