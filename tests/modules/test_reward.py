@@ -149,7 +149,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
     elif path.stem.startswith("smollm2"):
         assert args["init_from"] == "runs/sft-smollm2-135m/checkpoints/last.ckpt"  # the SFT config's output
         # the top 4 blocks and the head for 48 steps, at 3x the paper's 1e-5 (a whole epoch of the full model)
-        assert cli.datamodule.chat_template == "model" and opt.lr == 3e-5
+        assert cli.datamodule.chat_template == "model" and opt.lr == 1e-4
         assert args["finetune"] == {"trainable_blocks": 4} and module.finetune.lora_rank is None
         assert cli.datamodule.tokenizer_path == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     else:
