@@ -39,7 +39,7 @@ _MARKUP = re.compile(r"<[^<>\s]+>")
 
 def token_texts(tokenizer: Tokenizer) -> list[str]:
     """Each id's text, decoded alone (a byte-level piece of a multi-byte character decodes to U+FFFD)."""
-    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    return tokenizer.decode_batch([i] for i in range(tokenizer.vocab_size))
 
 
 def allowed_token_mask(name: str, texts: list[str], vocab_size: int, eos_id: int) -> Tensor | None:

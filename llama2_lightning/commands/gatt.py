@@ -118,7 +118,7 @@ def sample_gatt_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: Seque
     ``checks[i]`` (:func:`pick_answer`): rejection sampling on the instruction's program check, so a
     small model that follows an instruction only sometimes still yields dialogs that follow it.
     ``enforced[i]`` names a checkable instruction to enforce while sampling dialog i
-    (:mod:`llama2_lightning.gatt_constraints`: a token mask, or a closing word added), or is None.
+    (:mod:`llama2_lightning.gatt_constraints`: a token mask, upper-casing or a closing word added), or is None.
 
     ``dialogs[i]`` is (system prompt or None, user turns). Returns the dialogs *without* the instruction
     (system message first when given, then user/assistant pairs). A dialog ends early at the first turn
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples-per-turn", type=int, default=1,
                         help="answers drawn per turn; the first that follows a checkable instruction is kept")
     parser.add_argument("--enforce", action="store_true",
-                        help="enforce a checkable instruction while sampling (gatt_constraints: capitals and no_e by "
-                             "a token mask, ahoy by adding the closing word; short by --samples-per-turn alone)")
+                        help="enforce a checkable instruction while sampling (gatt_constraints: no_e by a token mask, "
+                             "capitals by upper-casing, ahoy by adding the closing word; short by --samples-per-turn alone)")
     parser.add_argument("--require-check", action="store_true",
                         help="drop a dialog whose last answer does not follow its checkable instruction")
     parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
