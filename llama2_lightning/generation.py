@@ -183,7 +183,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 
     ``allowed_tokens``: (len(prompts), V) bool, the tokens each prompt's answers may use (every other
     token's logit is -inf before sampling, so the returned logprobs are those of the constrained
-    distribution); the Ghost Attention sampler enforces a checkable instruction with it.
+    distribution; ``output_logits`` stay the model's, unmasked); the Ghost Attention sampler enforces a
+    checkable instruction with it.
 
     ``batch_size``: decode at most this many prompts at a time (each with its ``num_samples`` rows),
     which bounds the KV cache (B x (P + N) x layers x 2 x G x D); the rows come back in order, as one
@@ -195,8 +196,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     with torch.inference_mode(not (is_sharded(model) or compile)), torch.no_grad():
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-        if allowed_tokens is not None and (allowed_tokens.dim() != 2 or allowed_tokens.size(0) != len(prompts)):
-            raise ValueError(f"allowed_tokens must be (len(prompts)={len(prompts)}, V), got {tuple(allowed_tokens.shape)}")
+        if allowed_tokens is not None:
+            vocab = model.config.vocab_size
+            if allowed_tokens.dim() != 2 or tuple(allowed_tokens.shape) != (len(prompts), vocab):
+                raise ValueError(f"allowed_tokens must be (len(prompts)={len(prompts)}, vocab_size={vocab}), "
+                                 f"got {tuple(allowed_tokens.shape)}")
+            if not bool(allowed_tokens.any(dim=-1).all()):
+                empty = (~allowed_tokens.any(dim=-1)).nonzero().flatten().tolist()
+                raise ValueError(f"allowed_tokens allows no token for prompts {empty}: nothing could be sampled")
         size = batch_size or max(len(prompts), 1)
         chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         n_chunks = _max_over_ranks(len(chunks), sync, model.output.weight.device)

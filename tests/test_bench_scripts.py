@@ -38,7 +38,7 @@ def _check_ratio_rows(table: str, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["bench_train", "bench_generate", "bench_best_of_k", "bench_mfu", "bench_memory",
-                                  "bench_ppo", "bench_real_model", "bench_tensor_parallel"])
+                                  "bench_ppo", "bench_real_model", "bench_tensor_parallel", "bench_finetune"])
 def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load(name)
     with pytest.raises(SystemExit) as ok:
@@ -160,3 +160,42 @@ def test_bench_tensor_parallel_quick() -> None:
     assert result["loss"][0] == pytest.approx(result["loss"][1], abs=1e-6)
     assert result["same_tokens"]
     _check_ratio_rows(result["table"], ["training step float32", "decode, batch 2"])
+
+
+@pytest.mark.slow
+def test_bench_finetune_quick_fits_each_option_and_reads_its_metrics(tmp_path: Path) -> None:
+    """Two of the options on a tiny random GGUF: each fit runs with its `finetune:` key (the top-block run
+    leaves block 0 as imported, full fine-tuning moves it), and each row carries the metrics its run logged."""
+    import json
+
+    from tiny_gguf import write_tiny_gguf
+
+    from llama2_lightning.checkpoint import load_checkpoint
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer in at most 15 words."}, {"role": "user", "content": f"Name {i} birds."},
+        {"role": "assistant", "content": "Robins and crows."}]}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    result = _load("bench_finetune").main([
+        "--quick", "--options", "full", "blocks", "--blocks", "1", "--dialogs", str(dialogs), "--out", str(out),
+        "--set", f"model.init_args.init_from={gguf}", f"data.init_args.tokenizer_path={gguf}",
+        "trainer.limit_val_batches=1", "trainer.enable_model_summary=false",
+        "data.init_args.max_seq_len=768",
+        "--eval-set", f"tokenizer={gguf}", "gatt-turns=3", "gatt-max-new-tokens=6", "batch-size=4"])
+    rows = {r["option"]: r for r in result["rows"]}
+    assert list(rows) == ["full", "blocks"]
+    for r in rows.values():
+        assert r["fit_s"] > 0 and r["val/loss"] > 0 and 0 <= r["val/acc"] <= 1 and 0 <= r["gatt_late"] <= 1
+    table = _rows(result["table"])
+    assert [r[0] for r in table] == ["full", "blocks"]
+    assert float(table[1][2]) == pytest.approx(rows["blocks"]["fit_s"] / rows["full"]["fit_s"], abs=0.01)
+    assert float(table[1][3]) == pytest.approx(rows["blocks"]["val/loss"], abs=1e-3)
+    assert rows["full"]["val/loss"] != rows["blocks"]["val/loss"]  # each row read its own run's metrics
+    imported = load_checkpoint(gguf)[1]["layers.0.attention.wq.weight"]
+    trained = {o: torch.load(out / o / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+               for o in rows}
+    block0 = [k for k in trained["full"] if k.endswith("layers.0.attention.wq.weight")]
+    assert len(block0) == 1
+    assert not torch.equal(trained["full"][block0[0]], imported) and torch.equal(trained["blocks"][block0[0]], imported)

@@ -54,6 +54,10 @@ def test_masked_greedy_is_the_argmax_over_the_allowed_tokens(model: Transformer)
     torch.testing.assert_close(out.logprobs[0, 0], expected)
     with pytest.raises(ValueError, match="allowed_tokens must be"):
         generate(model, [[1, 2], [3]], max_new_tokens=1, allowed_tokens=allowed)
+    with pytest.raises(ValueError, match=r"vocab_size=.*got \(1, 7\)"):  # a mask from another vocabulary
+        generate(model, prompt, max_new_tokens=1, allowed_tokens=allowed[:, :7])
+    with pytest.raises(ValueError, match=r"allows no token for prompts \[1\]"):
+        generate(model, [[1, 2], [3]], max_new_tokens=1, allowed_tokens=torch.stack([allowed[0], allowed[0] & False]))
 
 
 def test_no_e_mask_bans_the_letter_markup_and_empty_tokens_but_keeps_eos() -> None:

@@ -27,13 +27,11 @@ from typing import Any
 
 from llama2_lightning.commands.arg_types import positive_int
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model
-from llama2_lightning.data.prompt_sources import Prompt
-from llama2_lightning.data.prompts import PromptDataModule
+from llama2_lightning.data.prompts import heldout_hh_prompts
 from llama2_lightning.evaluation.answering import model_answerer
 from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction
 from llama2_lightning.evaluation.suite import EvaluationSettings, RewardScorer, evaluate_answerer, headline
 from llama2_lightning.reward_models import load_reward_model
-from llama2_lightning.tokenizer import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,18 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gatt-max-turn-len", type=positive_int, default=48,
                         help="longest user turn of a GAtt dialog, in tokens (the dialogs must fit the context)")
     return parser
-
-
-def heldout_hh_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_len: int, val_fraction: float, seed: int,
-                       chat_template: str) -> list[Prompt]:
-    """The held-out prompts of an HH file as the RLHF prompt data splits it (by content: the same
-    ``val_fraction``, ``seed`` and prompt length bound give the same prompts); the evaluation's prompts, which
-    ``llama2-lightning gatt --skip-heldout`` keeps out of its training dialogs."""
-    dm = PromptDataModule(sources=[{"path": str(path), "format": "hh", "is_safety": False, "name": "prompts"}],
-                          tokenizer_path=str(tokenizer.model_path), max_prompt_len=max_prompt_len,
-                          val_fraction=val_fraction, seed=seed, chat_template=chat_template)
-    dm._tokenizer = tokenizer  # already loaded (a GGUF vocabulary takes seconds)
-    return dm.heldout_prompts
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -46,8 +46,9 @@ from torch import Tensor
 
 from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.chat_template import ChatTemplate
+from llama2_lightning.commands.arg_types import positive_int
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
-from llama2_lightning.commands.evaluate import heldout_hh_prompts
+from llama2_lightning.data.prompts import heldout_hh_prompts
 from llama2_lightning.data.readers import parse_hh_dialog
 from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction as checkable_instruction
 from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --format hh: skip dialogs sharing a user turn with the input's held-out prompts at "
                              "this val_fraction (evaluate's --prompt-val-fraction), so GAtt never trains on them")
     parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed (evaluate's --prompt-seed)")
-    parser.add_argument("--heldout-max-prompt-len", type=int, default=128,
+    parser.add_argument("--heldout-max-prompt-len", type=positive_int, default=128,
                         help="the held-out split's prompt bound in tokens (evaluate's --max-prompt-len)")
     parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
     add_model_arguments(parser)
@@ -260,6 +261,9 @@ def cli_gatt(argv: list[str] | None = None) -> int:
             raise ValueError("--checkable is empty")
         if args.skip_heldout is not None and args.format != "hh":
             raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
+        if args.skip_heldout is not None and not 0 < args.skip_heldout < 1:
+            raise ValueError(f"--skip-heldout is a held-out fraction in (0, 1) (evaluate's --prompt-val-fraction), "
+                             f"got {args.skip_heldout}")
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -67,6 +68,7 @@ from llama2_lightning.data.prompt_sources import (  # noqa: F401  (re-exported: 
     read_prompt_source,
 )
 from llama2_lightning.data.split import heldout_keys
+from llama2_lightning.tokenizer import Tokenizer
 
 DEFAULT_PROMPT_SOURCES: list[dict[str, Any]] = [
     {"path": "data/sft/self_instruct_seed_tasks.jsonl", "format": "self_instruct", "name": "self_instruct"}
@@ -351,3 +353,14 @@ class PromptDataModule(SourcedDataModule):
 __all__ = ["PromptDataModule", "PromptDataset", "Prompt", "PromptSource", "IterationSampler", "collate_prompts",
            "parse_prompt_sources", "read_prompt_source", "PROMPT_FORMATS"]
 
+
+def heldout_hh_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_len: int, val_fraction: float, seed: int,
+                       chat_template: str) -> list[Prompt]:
+    """The held-out prompts of an HH file as the RLHF prompt data splits it (by content: the same
+    ``val_fraction``, ``seed`` and prompt length bound give the same prompts); the evaluation's prompts, which
+    ``llama2-lightning gatt --skip-heldout`` keeps out of its training dialogs."""
+    dm = PromptDataModule(sources=[{"path": str(path), "format": "hh", "is_safety": False, "name": "prompts"}],
+                          tokenizer_path=str(tokenizer.model_path), max_prompt_len=max_prompt_len,
+                          val_fraction=val_fraction, seed=seed, chat_template=chat_template)
+    dm._tokenizer = tokenizer  # already loaded (a GGUF vocabulary takes seconds); base.py's lazy slot
+    return dm.heldout_prompts

@@ -236,7 +236,7 @@ def test_gatt_skip_heldout_never_trains_on_an_evaluation_prompt(hf_dir: Path, tm
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """--skip-heldout drops every HH dialog that shares a user turn with the held-out prompts the evaluate
     command uses (same file, val_fraction and seed), and --limit counts the dialogs that are left."""
-    from llama2_lightning.commands.evaluate import heldout_hh_prompts
+    from llama2_lightning.data.prompts import heldout_hh_prompts
 
     src = tmp_path / "hh.jsonl"
     src.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a\n\nHuman: r{i}?\n\nAssistant: x",
@@ -244,7 +244,8 @@ def test_gatt_skip_heldout_never_trains_on_an_evaluation_prompt(hf_dir: Path, tm
                            + "\n" for i in range(40)))
     held = {m["content"] for p in heldout_hh_prompts(src, tok, 128, 0.25, 5, "llama2") for m in p.messages
             if m["role"] == "user"}
-    assert 10 <= len(held) <= 20  # 10 held-out prompts, each with its two user turns
+    # HH prompt data keeps the first human turn: 10 held-out prompts (a quarter of 40), each one q{i}?
+    assert len(held) == 10 and all(h.startswith("q") and h.endswith("?") for h in held)
     monkeypatch.setattr(gatt_command, "sample_answers",
                         lambda model, tokenizer, prompts, *a, num_samples=1, **kw: ["ok"] * len(prompts) * num_samples)
     out = tmp_path / "gatt.jsonl"
@@ -260,3 +261,5 @@ def test_gatt_skip_heldout_never_trains_on_an_evaluation_prompt(hf_dir: Path, tm
     assert len(out.read_text().splitlines()) == 40  # without it, the held-out dialogs are used too
     with pytest.raises(SystemExit):
         main(["gatt", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--skip-heldout", "0.1"])
+    with pytest.raises(SystemExit):  # a fraction, not a count
+        main([*base, "--skip-heldout", "5"])
