@@ -13,7 +13,6 @@ dialog file the SFT config's second source reads (a pipeline run's ``gatt/dialog
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from llama2_lightning.evaluation.instructions import late_turn_adherence
+from llama2_lightning.pipeline.metrics import last_value, read_metrics
 from llama2_lightning.pipeline.spec import set_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,23 +77,6 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def last_logged(metrics_csv: Path, keys: Sequence[str]) -> dict[str, float | None]:
-    """The last value of each key in a Lightning CSVLogger ``metrics.csv`` (None if never logged)."""
-    out: dict[str, float | None] = dict.fromkeys(keys)
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            for k in keys:
-                if row.get(k):
-                    out[k] = float(row[k])
-    return out
-
-
-def late_adherence(evaluation: dict[str, Any]) -> float | None:
-    """Mean GAtt adherence over turns 3 and later (``evaluate``'s ``gatt.mean_by_turn``)."""
-    late = [v for v in evaluation.get("gatt", {}).get("mean_by_turn", [])[2:] if v is not None]
-    return sum(late) / len(late) if late else None
-
-
 def finetune_group(option: str, rank: int, blocks: int) -> dict[str, int] | None:
     """The ``model.init_args.finetune`` group of an option (None: full fine-tuning)."""
     group = {"lora": {"lora_rank": rank}, "blocks": {"trainable_blocks": blocks},
@@ -125,9 +109,8 @@ def measure(option: str, args: argparse.Namespace) -> dict[str, Any]:
     config.write_text(yaml.safe_dump(option_config(option, args, out), sort_keys=False))
     fit = [sys.executable, "-m", "llama2_lightning.cli", "fit", "--config", str(config)]
     row: dict[str, Any] = {"option": option, "fit_s": _run(fit, out / "fit.log")}
-    metrics = out / "csv" / "version_0" / "metrics.csv"  # the config's CSVLogger, in a fresh directory
-    keys = ["val/loss", "val/acc"]
-    row.update(last_logged(metrics, keys) if metrics.is_file() else dict.fromkeys(keys))
+    logged = read_metrics(out)  # the config's CSVLogger, in a directory made fresh above
+    row.update({k: last_value(logged, k) for k in ("val/loss", "val/acc")})
     row["gatt_late"] = None
     if args.gatt_dialogs > 0:
         result = out / "evaluation.json"
@@ -136,7 +119,7 @@ def measure(option: str, args: argparse.Namespace) -> dict[str, Any]:
               str(out / "checkpoints" / "last.ckpt"), "--gatt-dialogs", str(args.gatt_dialogs),
               "--output", str(result), *(x for k, v in options.items() for x in (f"--{k}", v))],
              out / "evaluate.log")
-        row["gatt_late"] = late_adherence(json.loads(result.read_text()))
+        row["gatt_late"] = late_turn_adherence(json.loads(result.read_text())["gatt"]["mean_by_turn"])
     return row
 
 

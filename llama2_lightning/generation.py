@@ -201,8 +201,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             if allowed_tokens.dim() != 2 or tuple(allowed_tokens.shape) != (len(prompts), vocab):
                 raise ValueError(f"allowed_tokens must be (len(prompts)={len(prompts)}, vocab_size={vocab}), "
                                  f"got {tuple(allowed_tokens.shape)}")
-            if not bool(allowed_tokens.any(dim=-1).all()):
-                empty = (~allowed_tokens.any(dim=-1)).nonzero().flatten().tolist()
+            empty = (~allowed_tokens.any(dim=-1)).nonzero().flatten().tolist()  # prompts with no token left
+            if empty:
                 raise ValueError(f"allowed_tokens allows no token for prompts {empty}: nothing could be sampled")
         size = batch_size or max(len(prompts), 1)
         chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]

@@ -84,3 +84,10 @@ def adherence_by_turn(instruction_name: str, dialogs: Sequence[Sequence[str]]) -
         answers = [d[t] for d in dialogs if len(d) > t]
         out.append((sum(check(a) for a in answers) / len(answers), len(answers)))
     return out
+
+
+def late_turn_adherence(mean_by_turn: Sequence[float | None]) -> float | None:
+    """Mean adherence over turns 3 and later (GAtt's claim is about the turns after the instruction fades
+    from view; the paper's Figures 9-10), skipping turns no dialog reached; None when there are none."""
+    late = [v for v in mean_by_turn[2:] if v is not None]
+    return sum(late) / len(late) if late else None

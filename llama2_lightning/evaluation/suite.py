@@ -18,7 +18,7 @@ from llama2_lightning.chat import Message, encode_side
 from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.evaluation.answering import Answerer
 from llama2_lightning.evaluation.gatt_adherence import multi_turn_answers
-from llama2_lightning.evaluation.instructions import adherence_by_turn, instruction
+from llama2_lightning.evaluation.instructions import adherence_by_turn, instruction, late_turn_adherence
 from llama2_lightning.evaluation.safety import evaluate_xstest
 from llama2_lightning.reward_models import score_ids
 from llama2_lightning.rlhf.reward_shaping import SAFETY_THRESHOLD
@@ -115,7 +115,7 @@ def headline(result: dict[str, Any]) -> str:
     if result.get("helpfulness", {}).get("helpful_mean") is not None:
         h = result["helpfulness"]
         parts.append(f"R_h={h['helpful_mean']:.3f} length={h['length_mean']:.0f}")
-    if "gatt" in result and len(result["gatt"]["mean_by_turn"]) >= 3:
-        late = [v for v in result["gatt"]["mean_by_turn"][2:] if v is not None]
-        parts.append(f"GAtt turns 3+={sum(late) / len(late):.2f}")
+    late = late_turn_adherence(result["gatt"]["mean_by_turn"]) if "gatt" in result else None
+    if late is not None:
+        parts.append(f"GAtt turns 3+={late:.2f}")
     return " ".join(parts)

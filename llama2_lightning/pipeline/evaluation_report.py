@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import instantiate_class
 
+from llama2_lightning.evaluation.instructions import late_turn_adherence
 from llama2_lightning.evaluation.length_baselines import length_baselines
 from llama2_lightning.evaluation.win_rate import length_controlled_win_rate, win_rate, win_rate_by_length_bucket
 from llama2_lightning.pipeline.metrics import read_metrics
@@ -129,8 +130,7 @@ def gatt_section(evals: dict[str, dict[str, Any]], roles: dict[str, Any], table:
     turns = max(len(g["mean_by_turn"]) for g in with_gatt.values())
 
     def late(g: dict[str, Any]) -> float | None:
-        vals = [v for v in g["mean_by_turn"][2:] if v is not None]
-        return sum(vals) / len(vals) if vals else None
+        return late_turn_adherence(g["mean_by_turn"])
 
     rows = [[n, *[_fmt(g["mean_by_turn"][t]) if t < len(g["mean_by_turn"]) else "" for t in range(turns)],
              _fmt(late(g))] for n, g in with_gatt.items()]
