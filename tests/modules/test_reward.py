@@ -148,7 +148,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         assert t["strategy"]["class_path"].endswith("ModelParallelStrategy")
     elif path.stem.startswith("smollm2"):
         assert args["init_from"] == "runs/sft-smollm2-135m/checkpoints/last.ckpt"  # the SFT config's output
-        # the top 4 blocks and the head for 176 steps, at 10x the paper's 1e-5 (a whole epoch of the full model)
+        # the top 4 blocks and the head for 144 steps, at 10x the paper's 1e-5 (a whole epoch of the full model)
         assert cli.datamodule.chat_template == "model" and opt.lr == 1e-4
         assert args["finetune"] == {"trainable_blocks": 4} and module.finetune.lora_rank is None
         assert cli.datamodule.tokenizer_path == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,8 +158,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_init: Path) -> Non
         module.configure_model()
         assert isinstance(module.model.trunk.output, DroppedLMHead)
     if path.stem.endswith("helpful"):
-        # helpfulness data first; the real-model config gives it 80% of the mixture, the others use it whole
-        assert "helpful" in sources[0]["path"] and sources[0]["weight"] == (0.8 if path.stem.startswith("smollm2") else 0.5)
+        assert "helpful" in sources[0]["path"] and sources[0]["weight"] == 0.5  # helpfulness data, used whole
     else:
         # safety : helpfulness = 90 : 10. A weight is a fraction of the whole mixture: the paper configs
         # use every safety source whole (no weight) around 10% of helpfulness; the shipped-data configs

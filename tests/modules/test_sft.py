@@ -64,7 +64,7 @@ def test_config_instantiates(path: Path, tmp_path: Path, tiny_ckpt: Path) -> Non
     if path.stem.startswith("smollm2"):  # the real model: from its GGUF, in its own ChatML format, fp32 on CPU
         assert model_args["init_from"] == cli.datamodule.tokenizer_path == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
         assert cli.datamodule.chat_template == "model" and raw["trainer"]["precision"] == "32-true"
-        assert opt.lr == 5e-5 and cli.datamodule.truncation == "drop"  # 48 steps, not 2 epochs; ChatML cannot be cut at turns
+        assert opt.lr == 5e-5 and cli.datamodule.truncation == "drop"  # 32 steps, not 2 epochs; ChatML cannot be cut at turns
         return
     assert raw["trainer"]["max_epochs"] == 2  # paper: 2 epochs
     ckpt = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
