@@ -88,7 +88,7 @@ def cli_score_pairs(argv: list[str] | None = None) -> int:
             tokenizer_path=str(tokenizer.model_path),
             max_seq_len=max_seq_len, batch_size=args.batch_size, val_fraction=0.5, on_bad_line=args.on_bad_line,
         )
-        dm._tokenizer = tokenizer  # already loaded and checked against the model
+        dm.use_tokenizer(tokenizer)  # already loaded and checked against the model
         pairs = []
         for i, spec in enumerate(dm.sources):
             stats = SourceStats(spec.name, str(spec.path), spec.format, "val")

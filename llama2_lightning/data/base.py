@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 
 from llama2_lightning.chat_template import LLAMA2_FORMAT, ChatTemplate, resolve_chat_template
-from llama2_lightning.tokenizer import Tokenizer
+from llama2_lightning.tokenizer import Tokenizer, resolve_tokenizer_path
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -36,6 +36,14 @@ class TokenizedDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer
+
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Encode with ``tokenizer``, already loaded from ``tokenizer_path`` (a GGUF vocabulary takes seconds
+        to read; a command that has one should not read it twice)."""
+        if tokenizer.model_path.resolve() != resolve_tokenizer_path(self.tokenizer_path).resolve():
+            raise ValueError(f"use_tokenizer: the tokenizer was loaded from {tokenizer.model_path}, but tokenizer_path "
+                             f"is {self.tokenizer_path}")
+        self._tokenizer = tokenizer
 
     @property
     def template(self) -> ChatTemplate | None:

@@ -362,5 +362,5 @@ def heldout_hh_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_len: i
     dm = PromptDataModule(sources=[{"path": str(path), "format": "hh", "is_safety": False, "name": "prompts"}],
                           tokenizer_path=str(tokenizer.model_path), max_prompt_len=max_prompt_len,
                           val_fraction=val_fraction, seed=seed, chat_template=chat_template)
-    dm._tokenizer = tokenizer  # already loaded (a GGUF vocabulary takes seconds); base.py's lazy slot
+    dm.use_tokenizer(tokenizer)
     return dm.heldout_prompts

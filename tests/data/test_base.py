@@ -46,3 +46,16 @@ def test_every_data_module_loads_its_tokenizer_once_on_first_use(tmp_path: Path)
             dm.tokenizer  # noqa: B018 -- the property reads the file
         dm.tokenizer_path = str(TOKENIZER)
         assert dm.tokenizer is dm.tokenizer and dm.vocab_size == dm.tokenizer.vocab_size > 0
+
+
+def test_use_tokenizer_takes_a_loaded_tokenizer_of_the_same_file_only(tmp_path: Path) -> None:
+    from llama2_lightning.tokenizer import Tokenizer
+
+    loaded = Tokenizer(TOKENIZER)
+    dm = PromptDataModule(tokenizer_path=str(TOKENIZER.parent / "." / TOKENIZER.name))  # same file, other spelling
+    dm.use_tokenizer(loaded)
+    assert dm.tokenizer is loaded  # not read again
+    other = tmp_path / "other.model"
+    other.write_bytes(TOKENIZER.read_bytes())
+    with pytest.raises(ValueError, match=rf"loaded from {TOKENIZER}, but tokenizer_path is {other}"):
+        PromptDataModule(tokenizer_path=str(other)).use_tokenizer(loaded)
