@@ -27,16 +27,28 @@ import yaml
 
 from llama2_lightning.evaluation.instructions import late_turn_adherence
 from llama2_lightning.pipeline.metrics import last_value, read_metrics
-from llama2_lightning.pipeline.spec import set_key
+from llama2_lightning.pipeline.spec import load_pipeline, set_key
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ("full", "lora", "blocks", "both")
 
-# configs/pipeline/smollm2-135m.yaml's eval-base stage: held-out HH first turns as GAtt openers, 5 turns
-EVAL_ARGS = {"tokenizer": "models/SmolLM2-135M-Instruct.Q4_1.gguf", "chat-template": "model",
-             "prompts": "data/preference/hh_helpful_pairs.jsonl.gz", "prompt-val-fraction": "0.05",
-             "prompt-seed": "42", "helpful-limit": "0", "gatt-turns": "5", "gatt-max-new-tokens": "40",
-             "batch-size": "12"}
+PIPELINE = ROOT / "configs" / "pipeline" / "smollm2-135m.yaml"
+EVAL_STAGE = "eval-base"  # the pipeline's GAtt evaluation before SFT: the same prompts, turns and answer length
+
+
+def eval_args(pipeline: Path, stage: str = EVAL_STAGE) -> dict[str, str]:
+    """The options the pipeline's ``stage`` passes to ``llama2-lightning evaluate``, less the ones each option
+    sets itself (its checkpoint, the dialog count, the output): the evaluation the pipeline reports, so a
+    finetune option is read on the same held-out dialogs."""
+    pipe = load_pipeline(pipeline)
+    found = pipe.stage(stage)
+    if found.command != "evaluate":
+        raise SystemExit(f"{pipeline}: stage {stage!r} runs {found.source}, not `llama2-lightning evaluate`")
+    args = {k: v for k, v in found.args.items() if k not in ("checkpoint", "gatt-dialogs")}
+    flags = sorted(k for k, v in args.items() if isinstance(v, (bool, list)))
+    if flags:  # passed below as `--key value` pairs only
+        raise SystemExit(f"{pipeline}: stage {stage!r}: options {flags} are flags or lists; give them with --eval-set")
+    return {k: str(v) for k, v in args.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=key_value,
                    help="config keys set for every option (dotted, list items by index; VALUE is YAML), "
                         "e.g. model.init_args.init_from=other.gguf")
+    p.add_argument("--pipeline", type=Path, default=PIPELINE,
+                   help=f"the pipeline whose {EVAL_STAGE!r} stage gives the evaluate options (default: %(default)s)")
     p.add_argument("--eval-set", nargs="*", default=[], metavar="OPTION=VALUE", type=key_value,
-                   help="evaluate options over the default (the SmolLM2 pipeline's GAtt evaluation: "
-                        + " ".join(f"{k}={v}" for k, v in EVAL_ARGS.items()) + ")")
+                   help=f"evaluate options over the pipeline's {EVAL_STAGE!r} ones, e.g. gatt-turns=3")
     p.add_argument("--quick", action="store_true", help="2 steps, 1 GAtt dialog (a smoke test; numbers mean nothing)")
     return p
 
@@ -114,7 +127,7 @@ def measure(option: str, args: argparse.Namespace) -> dict[str, Any]:
     row["gatt_late"] = None
     if args.gatt_dialogs > 0:
         result = out / "evaluation.json"
-        options = {**EVAL_ARGS, **dict(args.eval_set)}
+        options = {**eval_args(args.pipeline), **dict(args.eval_set)}
         _run([sys.executable, "-m", "llama2_lightning.cli", "evaluate", "--checkpoint",
               str(out / "checkpoints" / "last.ckpt"), "--gatt-dialogs", str(args.gatt_dialogs),
               "--output", str(result), *(x for k, v in options.items() for x in (f"--{k}", v))],
