@@ -38,7 +38,8 @@ def _check_ratio_rows(table: str, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["bench_train", "bench_generate", "bench_best_of_k", "bench_mfu", "bench_memory",
-                                  "bench_ppo", "bench_real_model", "bench_tensor_parallel", "bench_finetune"])
+                                  "bench_ppo", "bench_real_model", "bench_tensor_parallel", "bench_finetune",
+                                  "bench_safety_preprompt"])
 def test_help_and_bad_arguments(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load(name)
     with pytest.raises(SystemExit) as ok:
@@ -199,3 +200,50 @@ def test_bench_finetune_quick_fits_each_option_and_reads_its_metrics(tmp_path: P
     block0 = [k for k in trained["full"] if k.endswith("layers.0.attention.wq.weight")]
     assert len(block0) == 1
     assert not torch.equal(trained["full"][block0[0]], imported) and torch.equal(trained["blocks"][block0[0]], imported)
+
+
+def test_bench_safety_preprompt_counts_refusals_per_condition(tmp_path: Path) -> None:
+    """The preprompt goes in the system turn of the second condition only, and each rate counts that
+    condition's refusals: a scripted model that refuses exactly when it sees a system turn gives 0 and 1."""
+    import gzip
+    import json
+
+    bench = _load("bench_safety_preprompt")
+
+    def scripted(dialogs):
+        return ["I'm sorry, but I can't help with that." if d[0]["role"] == "system" else "Sure: step one." for d in dialogs]
+
+    assert bench.refusals(scripted, ["a", "b", "c"], None)[0] == 0.0
+    rate, answers = bench.refusals(scripted, ["a", "b", "c"], "Be safe.")
+    assert rate == 1.0 and len(answers) == 3
+    assert bench.dialogs(["q"], "Be safe.") == [[{"role": "system", "content": "Be safe."},
+                                                  {"role": "user", "content": "q"}]]
+    table = bench.format_rows([{"set": "red-team", "n": 4, "plain": 0.25, "preprompt": 0.75}])
+    assert _rows(table) == [["red-team", "4", "0.250", "0.750", "+50.0"]]
+
+    pairs = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(pairs, "wt") as f:
+        for i in range(3):
+            f.write(json.dumps({"chosen": f"\n\nHuman: question {i}?\n\nAssistant: yes", "rejected": "x"}) + "\n")
+    assert bench.hh_first_turns(pairs, 2, skip=1) == ["question 1?", "question 2?"]
+    with pytest.raises(SystemExit, match="pairs.jsonl.gz: 2 records after --skip 1, --prompts asks for 3"):
+        bench.hh_first_turns(pairs, 3, skip=1)
+
+
+def test_bench_safety_preprompt_quick_on_a_tiny_gguf(tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    pairs = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(pairs, "wt") as f:
+        for i in range(4):
+            f.write(json.dumps({"chosen": f"\n\nHuman: question {i}?\n\nAssistant: yes", "rejected": "no"}) + "\n")
+    result = _load("bench_safety_preprompt").main(["--quick", "--checkpoint", str(gguf), "--unsafe", str(pairs),
+                                                   "--safe", str(pairs), "--skip", "0"])
+    assert [r["n"] for r in result["rows"]] == [2, 2]
+    for row in _rows(result["table"]):
+        assert 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1
+        assert float(row[4]) == pytest.approx(100 * (float(row[3]) - float(row[2])), abs=0.1)
