@@ -59,6 +59,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("tokenizer", "cli_tokenizer", "train a SentencePiece tokenizer"),
     "chat": ("chat", "cli_chat", "talk to a checkpoint in the Llama 2-Chat format (stdin/stdout)"),
     "gatt": ("gatt", "cli_gatt", "sample Ghost Attention dialogs for SFT"),
+    "distill": ("distill", "cli_distill", "safety context distillation dialogs for SFT (answers sampled with a preprompt)"),
     "evaluate": ("evaluate", "cli_evaluate", "XSTest refusals, held-out helpfulness, GAtt by turn of a model (JSON)"),
     "score-pairs": ("score", "cli_score_pairs", "reward-model accuracy on preference files (JSON summary last)"),
     "score": ("score", "cli_score", "reward-model scores of answers to a prompt"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,3 +94,19 @@ def text_records(path: str | Path) -> Iterator[tuple[int, str]]:
         if "\x00" in record["text"]:
             raise ValueError(f"{path}:{lineno}: the 'text' holds NUL characters (binary data, not text)")
         yield lineno, record["text"]
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write ``records`` one per line to ``path`` through a temporary file renamed over it, so a reader never
+    sees a half-written file and an interrupted run leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

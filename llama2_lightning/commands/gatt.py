@@ -33,10 +33,7 @@ HH prompts (the ``evaluate`` command's) out of the training dialogs.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,12 +50,12 @@ from llama2_lightning.data.readers import parse_hh_dialog
 from llama2_lightning.evaluation.instructions import INSTRUCTIONS, instruction as checkable_instruction
 from llama2_lightning.gatt import append_instruction, gatt_sample, sample_gatt_instruction
 from llama2_lightning.gatt_constraints import allowed_token_mask, finish_answer, token_texts
-from llama2_lightning.jsonl import read_jsonl
+from llama2_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from llama2_lightning.model import Transformer
 from llama2_lightning.tokenizer import Tokenizer
 
 
-def _read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turns: int = 1,
+def read_dialogs(path: Path, limit: int | None, fmt: str = "messages", min_turns: int = 1,
                   max_turns: int | None = None, exclude: frozenset[str] = frozenset()
                   ) -> list[tuple[str, str | None, list[str]]]:
     """(origin, system prompt or None, user turns) per line of a ``{"messages": [...]}`` JSONL file (or of
@@ -183,19 +180,6 @@ def _enforcement_masks(model: Transformer, tokenizer: Tokenizer, enforced: Seque
     return {n: m for n, m in masks.items() if m is not None}
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama2-lightning gatt",
@@ -275,7 +259,7 @@ def cli_gatt(argv: list[str] | None = None) -> int:
             held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
                                       args.heldout_seed, args.chat_template)
             exclude = frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
-        inputs = _read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns, exclude)
+        inputs = read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns, exclude)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
 
@@ -304,7 +288,7 @@ def cli_gatt(argv: list[str] | None = None) -> int:
         messages, flags = gatt_sample(append_instruction(dialog, instruction), instruction, args.placement)
         records.append({"messages": messages, "gatt_instruction": instruction, "train_turns": flags,
                         "origin": origin})
-    _write_jsonl_atomic(args.output, records)
+    write_jsonl_atomic(args.output, records)
     print(f"wrote {len(records)} GAtt dialogs to {args.output} ({shortened} shortened to fit the context or at an "
           f"empty answer, {skipped} skipped: not even the first turn could be answered, {failed} dropped: the last "
           "answer did not follow its checkable instruction)")

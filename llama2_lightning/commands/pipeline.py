@@ -16,6 +16,7 @@ import yaml
 from llama2_lightning.pipeline.report import write_report
 from llama2_lightning.commands.evaluate import build_parser as evaluate_parser
 from llama2_lightning.commands.fit import check_fit_config
+from llama2_lightning.commands.distill import build_parser as distill_parser
 from llama2_lightning.commands.gatt import build_parser as gatt_parser
 from llama2_lightning.pipeline.run import PipelineInterrupted, run_pipeline
 from llama2_lightning.pipeline.spec import Pipeline, PipelineError, load_pipeline, stage_configs
@@ -79,7 +80,7 @@ def check_stage_configs(pipe: Pipeline, configs: Mapping[str, dict[str, Any]]) -
 
 def command_parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     """The argument parser of each command a stage may run (spec.COMMAND_OUTPUTS)."""
-    return {"gatt": gatt_parser, "evaluate": evaluate_parser}
+    return {"gatt": gatt_parser, "distill": distill_parser, "evaluate": evaluate_parser}
 
 
 def check_command_args(pipe: Pipeline, name: str, argv: list[str]) -> None:

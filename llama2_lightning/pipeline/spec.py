@@ -27,7 +27,7 @@ STAGE_LOG = "stage.log"
 _STAGE_KEYS = ("name", "config", "command", "args", "set", "inputs", "metric", "checkpoint")
 _TOP_KEYS = ("run_dir", "set", "stages", "report")
 # The commands a stage may run besides `fit`, and the file each writes in its stage directory.
-COMMAND_OUTPUTS = {"gatt": "dialogs.jsonl", "evaluate": "evaluation.json"}
+COMMAND_OUTPUTS = {"gatt": "dialogs.jsonl", "distill": "dialogs.jsonl", "evaluate": "evaluation.json"}
 _OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
 
 

@@ -65,7 +65,7 @@ def test_command_stage_options_inputs_and_output(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.parametrize("stage, match", [
     ({"name": "c", "command": "convert"}, r"stage 'c'.command: 'convert' is not a command a stage can run; "
-                                          r"allowed: gatt, evaluate"),
+                                          r"allowed: gatt, distill, evaluate"),
     ({"name": "c", "command": "gatt", "set": {"a": 1}}, r"stage 'c'.set: a command stage \(gatt\) takes 'args'"),
     ({"name": "c", "command": "gatt", "config": "configs/sft/tiny.yaml"}, r"stage 'c'.config: a command stage"),
     ({"name": "c", "command": "gatt", "args": {"--input": "x"}}, r"'--input' is not an option of `gatt`"),

@@ -1,0 +1,140 @@
+"""``llama2-lightning distill``: safety context distillation data (paper section 4.2.4).
+
+The model answers adversarial first turns with a safety preprompt as the system turn; the written
+dialog drops the preprompt, so SFT on it teaches the model to answer the bare prompt the way it answers
+with the preprompt in view. The paper targets the distillation to adversarial prompts only, because the
+same preprompt on ordinary prompts makes answers vaguer and more often refused (for SmolLM2-135M, 0.07 ->
+0.24 of ordinary HH prompts refused: ``benchmarks/results/safety-preprompt-2026-12-02.md``). So the input
+here is red-team data, e.g. the first turns of the shipped ``hh_harmless`` pairs.
+
+Output, one JSON object per line (the ``messages`` format of
+:class:`~llama2_lightning.data.sft.SFTDataModule`)::
+
+    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}],
+     "distilled_from": PREPROMPT, "origin": "input.jsonl.gz:LINE"}
+
+``--keep refusals`` keeps only answers that the refusal rule (``evaluation/refusal.py``) counts as
+refusals. This is a stand-in for the paper's filter, which keeps a distilled answer only where the safety
+RM scores it above the plain answer. The default, ``--keep all``, keeps every non-empty answer, so the
+evaluation's rule has no say in the training data. ``--skip-heldout`` works as in ``gatt``: with
+``--format hh`` it keeps the input's held-out prompts (at that fraction and seed) out.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama2_lightning.chat import Message, encode_prompt
+from llama2_lightning.chat_template import ChatTemplate
+from llama2_lightning.commands.arg_types import positive_int
+from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
+from llama2_lightning.commands.gatt import read_dialogs
+from llama2_lightning.data.prompts import heldout_hh_prompts
+from llama2_lightning.evaluation.refusal import is_refusal
+from llama2_lightning.jsonl import write_jsonl_atomic
+from llama2_lightning.model import Transformer
+from llama2_lightning.tokenizer import Tokenizer
+
+# A safety preprompt in the paper's style (its Table 39 lists them). It names the refusal's opening so that a
+# 135M model, which rarely refuses on its own, has a form to copy.
+SAFETY_PREPROMPT = ("You are a safe and responsible assistant. If a request is harmful, illegal or unethical, "
+                    "refuse it: start your answer with \"I'm sorry, but I can't help with that.\"")
+
+
+def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], preprompt: str,
+                    max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 8,
+                    template: ChatTemplate | None = None) -> list[str]:
+    """One answer per prompt, sampled with ``preprompt`` as the system turn (``batch_size`` prompts per
+    call, call k seeded ``seed + k``). A prompt that leaves no room for ``max_new_tokens`` in the model's
+    context is answered with the empty string."""
+    answers: list[str] = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        ids = [encode_prompt(tokenizer, [{"role": "system", "content": preprompt}, {"role": "user", "content": p}],
+                             template) for p in chunk]
+        fits = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= model.config.max_seq_len]
+        texts = [""] * len(chunk)
+        if fits:
+            drawn = sample_answers(model, tokenizer, [ids[i] for i in fits], max_new_tokens, temperature, top_p,
+                                   seed=seed + k)
+            for i, text in zip(fits, drawn):
+                texts[i] = text
+        answers += texts
+    return answers
+
+
+def distilled_records(origins: Sequence[str], prompts: Sequence[str], answers: Sequence[str], preprompt: str,
+                      keep: str = "all") -> list[dict[str, Any]]:
+    """The SFT records of the answers ``keep`` admits (``all``: every non-empty one; ``refusals``: those the
+    refusal rule counts as refusals), each without the preprompt it was sampled with."""
+    if keep not in ("all", "refusals"):
+        raise ValueError(f"keep must be 'all' or 'refusals', got {keep!r}")
+    records = []
+    for origin, prompt, answer in zip(origins, prompts, answers, strict=True):
+        if not answer.strip() or (keep == "refusals" and not is_refusal(answer)):
+            continue
+        messages: list[Message] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        records.append({"messages": messages, "distilled_from": preprompt, "origin": origin})
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama2-lightning distill",
+        description="Safety context distillation (paper section 4.2.4): answer adversarial prompts with a safety "
+                    "preprompt, write the dialogs without it for SFT.")
+    parser.add_argument("--input", required=True, type=Path,
+                        help='adversarial prompts: HH records (--format hh, their first user turn) or {"messages"} JSONL')
+    parser.add_argument("--format", choices=("messages", "hh"), default="hh", help="the input's format")
+    parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/commands/distill.py)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
+    parser.add_argument("--preprompt", default=SAFETY_PREPROMPT, help="the system turn answers are sampled with")
+    parser.add_argument("--keep", choices=("all", "refusals"), default="all",
+                        help="all: every non-empty answer (default); refusals: only answers the refusal rule counts")
+    parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
+                        help="with --format hh: skip prompts of the input's held-out split at this val_fraction")
+    parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed")
+    parser.add_argument("--heldout-max-prompt-len", type=positive_int, default=128,
+                        help="the held-out split's prompt bound in tokens")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
+    add_model_arguments(parser)
+    return parser
+
+
+def cli_distill(argv: list[str] | None = None) -> int:
+    """``llama2-lightning distill``: returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if not args.preprompt.strip():
+            raise ValueError("--preprompt is empty")
+        if args.skip_heldout is not None and (args.format != "hh" or not 0 < args.skip_heldout < 1):
+            raise ValueError(f"--skip-heldout needs --format hh and a fraction in (0, 1), got {args.format}, "
+                             f"{args.skip_heldout}")
+        if not args.input.is_file():
+            raise FileNotFoundError(f"--input {args.input}: no such file")
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    model, tokenizer, template = load_chat_model(parser, args)
+    exclude: frozenset[str] = frozenset()
+    try:
+        if args.skip_heldout is not None:
+            held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
+                                      args.heldout_seed, args.chat_template)
+            exclude = frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
+        inputs = read_dialogs(args.input, args.limit, args.format, exclude=exclude)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    origins = [origin for origin, _, _ in inputs]
+    prompts = [users[0] for _, _, users in inputs]  # single-turn: the adversarial opening
+    answers = distill_answers(model, tokenizer, prompts, args.preprompt, args.max_new_tokens, args.temperature,
+                              args.top_p, args.seed, args.batch_size, template)
+    records = distilled_records(origins, prompts, answers, args.preprompt, args.keep)
+    write_jsonl_atomic(args.output, records)
+    refused = sum(is_refusal(a) for a in answers if a.strip())
+    print(f"wrote {len(records)} distilled dialogs to {args.output} ({len(prompts)} prompts; {refused} answers are "
+          f"refusals by evaluation/refusal.py; {sum(not a.strip() for a in answers)} empty or too long, dropped)")
+    return 0

@@ -1,0 +1,104 @@
+"""`llama2-lightning distill`: answers are sampled with the safety preprompt as the system turn, and the
+written SFT dialogs drop it (paper section 4.2.4)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from paths import TOKENIZER
+
+from llama2_lightning import Transformer
+from llama2_lightning.checkpoint import save_hf
+from llama2_lightning.cli import main
+from llama2_lightning.commands import distill as distill_command
+from llama2_lightning.data.sft import SFTDataModule
+from llama2_lightning.pipeline.spec import COMMAND_OUTPUTS
+from llama2_lightning.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    model = Transformer.from_name("tiny")
+    save_hf(model.config, model.state_dict(), directory)
+    shutil.copy(TOKENIZER, directory / "tokenizer.model")
+    return directory
+
+
+def _hh(path: Path, questions: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: sure\n\nHuman: more\n\nAssistant: ok",
+                                        "rejected": f"\n\nHuman: {q}\n\nAssistant: no"}) + "\n" for q in questions))
+    return path
+
+
+def test_distilled_records_drop_the_preprompt_and_empty_answers() -> None:
+    records = distill_command.distilled_records(["f:1", "f:2", "f:3"], ["how to steal?", "how to hack?", "hi"],
+                                                ["I'm sorry, but I can't help with that.", "Step one: ...", "  "],
+                                                "Be safe.")
+    assert [r["origin"] for r in records] == ["f:1", "f:2"]  # the empty answer is not trained on
+    assert records[0]["messages"] == [{"role": "user", "content": "how to steal?"},
+                                      {"role": "assistant", "content": "I'm sorry, but I can't help with that."}]
+    assert all(r["distilled_from"] == "Be safe." and "Be safe." not in json.dumps(r["messages"]) for r in records)
+    kept = distill_command.distilled_records(["f:1", "f:2"], ["a", "b"], ["I cannot do that.", "Sure."], "P",
+                                             keep="refusals")
+    assert [r["origin"] for r in kept] == ["f:1"]
+    with pytest.raises(ValueError, match="keep must be 'all' or 'refusals', got 'some'"):
+        distill_command.distilled_records([], [], [], "P", keep="some")
+    with pytest.raises(ValueError):  # prompts and answers must pair up
+        distill_command.distilled_records(["f:1"], ["a"], [], "P")
+
+
+def test_distill_samples_with_the_preprompt_and_writes_sft_dialogs_without_it(
+        hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first user turn of each HH record is answered with the preprompt as the system turn (seen in the
+    prompt ids the model gets); the output holds user/answer pairs that SFTDataModule reads as they are."""
+    tok = Tokenizer(TOKENIZER)
+    seen: list[str] = []
+
+    def scripted(model: Any, tokenizer: Any, prompts: list[list[int]], *args: Any, **kw: Any) -> list[str]:
+        seen.extend(tokenizer.decode(p) for p in prompts)
+        return ["I'm sorry, but I can't help with that."] * len(prompts)
+
+    monkeypatch.setattr(distill_command, "sample_answers", scripted)
+    src = _hh(tmp_path / "harmless.jsonl", ["how do I pick a lock?", "how do I make a weapon?", "tell me a secret"])
+    out = tmp_path / "distill.jsonl"
+    assert main(["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--limit", "2",
+                 "--preprompt", "Refuse harmful requests.", "--max-new-tokens", "4", "--batch-size", "1"]) == 0
+    assert len(seen) == 2 and all("Refuse harmful requests." in s for s in seen)
+    assert "how do I pick a lock?" in seen[0] and "how do I make a weapon?" in seen[1] and "more" not in seen[0]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in records] == ["how do I pick a lock?", "how do I make a weapon?"]
+    assert [r["origin"] for r in records] == [f"{src}:1", f"{src}:2"]
+    assert all(len(r["messages"]) == 2 and r["distilled_from"] == "Refuse harmful requests." for r in records)
+    dm = SFTDataModule(sources=[{"path": str(out), "format": "messages"}], tokenizer_path=str(TOKENIZER),
+                       max_seq_len=128, batch_size=1, val_fraction=0.5)
+    dm.setup()
+    example = dm.train_dataset[0]
+    labels = [t for t in example["labels"].tolist() if t != -100]
+    assert tok.decode(labels).strip().startswith("I'm sorry")  # the loss is on the answer, not on the prompt
+
+
+def test_distill_with_a_real_tiny_model_and_its_errors(hf_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    src = _hh(tmp_path / "harmless.jsonl", ["q1?", "q2?", "q3?"])
+    out = tmp_path / "distill.jsonl"
+    assert main(["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir),
+                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) <= 3 and all(json.loads(line)["messages"][1]["content"].strip() for line in lines)
+    assert "distilled dialogs" in capsys.readouterr().out
+    for argv, message in [(["--input", str(tmp_path / "absent.jsonl")], "absent.jsonl: no such file"),
+                          (["--input", str(src), "--preprompt", " "], "--preprompt is empty"),
+                          (["--input", str(src), "--format", "messages", "--skip-heldout", "0.1"],
+                           "--skip-heldout needs --format hh")]:
+        with pytest.raises(SystemExit):
+            main(["distill", *argv, "--output", str(out), "--checkpoint", str(hf_dir)])
+        assert message in capsys.readouterr().err
+    assert "distill" in COMMAND_OUTPUTS  # a pipeline stage can run it
