@@ -27,7 +27,7 @@ import yaml
 
 from llama2_lightning.evaluation.instructions import late_turn_adherence
 from llama2_lightning.pipeline.metrics import last_value, read_metrics
-from llama2_lightning.pipeline.spec import load_pipeline, set_key
+from llama2_lightning.pipeline.spec import PipelineError, load_pipeline, set_key
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ("full", "lora", "blocks", "both")
@@ -36,19 +36,31 @@ PIPELINE = ROOT / "configs" / "pipeline" / "smollm2-135m.yaml"
 EVAL_STAGE = "eval-base"  # the pipeline's GAtt evaluation before SFT: the same prompts, turns and answer length
 
 
-def eval_args(pipeline: Path, stage: str = EVAL_STAGE) -> dict[str, str]:
+def eval_args(pipeline: Path, stage: str = EVAL_STAGE) -> dict[str, Any]:
     """The options the pipeline's ``stage`` passes to ``llama2-lightning evaluate``, less the ones each option
     sets itself (its checkpoint, the dialog count, the output): the evaluation the pipeline reports, so a
-    finetune option is read on the same held-out dialogs."""
-    pipe = load_pipeline(pipeline)
-    found = pipe.stage(stage)
+    finetune option is read on the same held-out dialogs. A pipeline file that does not load, or whose stage
+    is not an evaluate stage, exits with the reason before any fit runs."""
+    try:
+        found = load_pipeline(pipeline).stage(stage)
+    except (OSError, PipelineError) as err:
+        raise SystemExit(f"--pipeline: {err}") from None
     if found.command != "evaluate":
         raise SystemExit(f"{pipeline}: stage {stage!r} runs {found.source}, not `llama2-lightning evaluate`")
-    args = {k: v for k, v in found.args.items() if k not in ("checkpoint", "gatt-dialogs")}
-    flags = sorted(k for k, v in args.items() if isinstance(v, (bool, list)))
-    if flags:  # passed below as `--key value` pairs only
-        raise SystemExit(f"{pipeline}: stage {stage!r}: options {flags} are flags or lists; give them with --eval-set")
-    return {k: str(v) for k, v in args.items()}
+    return {k: v for k, v in found.args.items() if k not in ("checkpoint", "gatt-dialogs")}
+
+
+def option_argv(options: dict[str, Any]) -> list[str]:
+    """Command-line options as a pipeline stage passes them: ``true`` a bare flag, ``false`` left out, a list
+    the option repeated, anything else ``--key value``."""
+    argv: list[str] = []
+    for key, value in options.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                argv.append(f"--{key}")
+            elif v is not False:
+                argv += [f"--{key}", str(v)]
+    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +139,10 @@ def measure(option: str, args: argparse.Namespace) -> dict[str, Any]:
     row["gatt_late"] = None
     if args.gatt_dialogs > 0:
         result = out / "evaluation.json"
-        options = {**eval_args(args.pipeline), **dict(args.eval_set)}
+        options = {**args.eval_options, **dict(args.eval_set)}
         _run([sys.executable, "-m", "llama2_lightning.cli", "evaluate", "--checkpoint",
               str(out / "checkpoints" / "last.ckpt"), "--gatt-dialogs", str(args.gatt_dialogs),
-              "--output", str(result), *(x for k, v in options.items() for x in (f"--{k}", v))],
+              "--output", str(result), *option_argv(options)],
              out / "evaluate.log")
         row["gatt_late"] = late_turn_adherence(json.loads(result.read_text())["gatt"]["mean_by_turn"])
     return row
@@ -154,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.steps, args.gatt_dialogs = 2, min(args.gatt_dialogs, 1)
+    args.eval_options = eval_args(args.pipeline) if args.gatt_dialogs > 0 else {}  # checked before any fit
     rows = [measure(o, args) for o in args.options]
     table = format_rows(rows)
     print(f"{args.config.name}, {args.steps or 'config'} steps, LoRA rank {args.lora_rank}, top {args.blocks} blocks")

@@ -25,6 +25,7 @@ import torch
 from llama2_lightning.chat import Message
 from llama2_lightning.chat_template import resolve_chat_template
 from llama2_lightning.checkpoint import load_model
+from llama2_lightning.commands.arg_types import positive_int
 from llama2_lightning.data.readers import parse_hh_dialog
 from llama2_lightning.evaluation.answering import Answerer, model_answerer
 from llama2_lightning.evaluation.refusal import is_refusal
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default="model", help="'model' (the tokenizer's), 'llama2' or a .jinja file")
     p.add_argument("--unsafe", type=Path, default=ROOT / "data" / "preference" / "hh_harmless_pairs.jsonl.gz")
     p.add_argument("--safe", type=Path, default=ROOT / "data" / "preference" / "hh_helpful_pairs.jsonl.gz")
-    p.add_argument("--prompts", type=int, default=24, help="first turns per set")
+    p.add_argument("--prompts", type=positive_int, default=24, help="first turns per set")
     p.add_argument("--skip", type=int, default=500, help="start after this many records of each file")
     p.add_argument("--preprompt", default=PREPROMPT)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -79,7 +80,8 @@ def dialogs(prompts: Sequence[str], preprompt: str | None) -> list[list[Message]
 
 
 def refusals(answer: Answerer, prompts: Sequence[str], preprompt: str | None) -> tuple[float, list[str]]:
-    """(share of answers that are refusals, the answers)."""
+    """(share of answers that are refusals, the answers). An empty answer (a prompt the context had no room to
+    answer) counts as a refusal, as in the XSTest evaluation."""
     answers = answer(dialogs(prompts, preprompt))
     return sum(map(is_refusal, answers)) / len(answers), answers
 

@@ -247,3 +247,25 @@ def test_bench_safety_preprompt_quick_on_a_tiny_gguf(tmp_path: Path) -> None:
     for row in _rows(result["table"]):
         assert 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1
         assert float(row[4]) == pytest.approx(100 * (float(row[3]) - float(row[2])), abs=0.1)
+
+
+def test_bench_finetune_reads_the_pipelines_evaluate_options(tmp_path: Path) -> None:
+    """The evaluate options are the SmolLM2 pipeline's eval-base ones (less checkpoint and dialog count),
+    passed as the pipeline passes them; a pipeline without that evaluate stage exits before any fit."""
+    import yaml
+
+    bench = _load("bench_finetune")
+    shipped = yaml.safe_load(bench.PIPELINE.read_text())
+    [stage] = [s for s in shipped["stages"] if s["name"] == "eval-base"]
+    options = bench.eval_args(bench.PIPELINE)
+    assert options == {k: v for k, v in stage["args"].items() if k not in ("checkpoint", "gatt-dialogs")}
+    assert options["gatt-turns"] == 5 and "checkpoint" not in options
+    assert bench.option_argv({"a": True, "b": False, "c": [1, 2], "d": "x"}) == ["--a", "--c", "1", "--c", "2",
+                                                                                "--d", "x"]
+    with pytest.raises(SystemExit, match="--pipeline: .*absent.yaml"):
+        bench.main(["--pipeline", str(tmp_path / "absent.yaml")])
+    other = tmp_path / "p.yaml"
+    other.write_text(yaml.safe_dump({"run_dir": str(tmp_path), "stages": [{"name": "eval-base", "command": "gatt",
+                                                                          "args": {"input": "x"}}]}))
+    with pytest.raises(SystemExit, match="stage 'eval-base' runs llama2-lightning gatt, not"):
+        bench.eval_args(other)

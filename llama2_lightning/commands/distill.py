@@ -23,6 +23,8 @@ evaluation's rule has no say in the training data. ``--skip-heldout`` works as i
 from __future__ import annotations
 
 import argparse
+import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,11 @@ def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[
                     max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 8,
                     template: ChatTemplate | None = None) -> list[str]:
     """One answer per prompt, sampled with ``preprompt`` as the system turn (``batch_size`` prompts per
-    call, call k seeded ``seed + k``). A prompt that leaves no room for ``max_new_tokens`` in the model's
-    context is answered with the empty string."""
+    call, each call's seed drawn from ``random.Random(seed)`` as ``gatt`` does). A prompt that leaves no room
+    for ``max_new_tokens`` in the model's context is answered with the empty string."""
+    seeds = random.Random(seed)
     answers: list[str] = []
-    for k, start in enumerate(range(0, len(prompts), batch_size)):
+    for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids = [encode_prompt(tokenizer, [{"role": "system", "content": preprompt}, {"role": "user", "content": p}],
                              template) for p in chunk]
@@ -59,7 +62,7 @@ def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[
         texts = [""] * len(chunk)
         if fits:
             drawn = sample_answers(model, tokenizer, [ids[i] for i in fits], max_new_tokens, temperature, top_p,
-                                   seed=seed + k)
+                                   seed=seeds.randrange(2**31))
             for i, text in zip(fits, drawn):
                 texts[i] = text
         answers += texts
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Safety context distillation (paper section 4.2.4): answer adversarial prompts with a safety "
                     "preprompt, write the dialogs without it for SFT.")
     parser.add_argument("--input", required=True, type=Path,
-                        help='adversarial prompts: HH records (--format hh, their first user turn) or {"messages"} JSONL')
+                        help='adversarial prompts: HH records (--format hh) or {"messages"} JSONL; the first user turn of each is '
+                             'answered (an input system turn is not used: the preprompt takes its place)')
     parser.add_argument("--format", choices=("messages", "hh"), default="hh", help="the input's format")
     parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/commands/distill.py)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
@@ -111,9 +115,10 @@ def cli_distill(argv: list[str] | None = None) -> int:
     try:
         if not args.preprompt.strip():
             raise ValueError("--preprompt is empty")
-        if args.skip_heldout is not None and (args.format != "hh" or not 0 < args.skip_heldout < 1):
-            raise ValueError(f"--skip-heldout needs --format hh and a fraction in (0, 1), got {args.format}, "
-                             f"{args.skip_heldout}")
+        if args.skip_heldout is not None and args.format != "hh":
+            raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
+        if args.skip_heldout is not None and not 0 < args.skip_heldout < 1:
+            raise ValueError(f"--skip-heldout is a held-out fraction in (0, 1), got {args.skip_heldout}")
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:
@@ -133,6 +138,10 @@ def cli_distill(argv: list[str] | None = None) -> int:
     answers = distill_answers(model, tokenizer, prompts, args.preprompt, args.max_new_tokens, args.temperature,
                               args.top_p, args.seed, args.batch_size, template)
     records = distilled_records(origins, prompts, answers, args.preprompt, args.keep)
+    if not records:  # an empty file would let a pipeline go on into an SFT without this data
+        print(f"llama2-lightning distill: error: no answer to keep from {len(prompts)} prompts of {args.input} "
+              f"(--keep {args.keep}); nothing written", file=sys.stderr)
+        return 1
     write_jsonl_atomic(args.output, records)
     refused = sum(is_refusal(a) for a in answers if a.strip())
     print(f"wrote {len(records)} distilled dialogs to {args.output} ({len(prompts)} prompts; {refused} answers are "

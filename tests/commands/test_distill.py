@@ -102,3 +102,42 @@ def test_distill_with_a_real_tiny_model_and_its_errors(hf_dir: Path, tmp_path: P
             main(["distill", *argv, "--output", str(out), "--checkpoint", str(hf_dir)])
         assert message in capsys.readouterr().err
     assert "distill" in COMMAND_OUTPUTS  # a pipeline stage can run it
+
+
+def test_distill_answers_batches_seeds_and_a_prompt_too_long_for_the_context(
+        hf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch is one sampling call with its own seed (drawn from the run's seed, as gatt draws them); a
+    prompt that leaves no room for the answer is not sampled and comes back empty."""
+    from llama2_lightning.checkpoint import load_model
+
+    model = load_model(hf_dir)
+    tok = Tokenizer(TOKENIZER)
+    calls: list[tuple[int, int]] = []
+
+    def scripted(model: Any, tokenizer: Any, prompts: list[list[int]], *args: Any, seed: int, **kw: Any) -> list[str]:
+        calls.append((len(prompts), seed))
+        return [f"answer {len(calls)}.{i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(distill_command, "sample_answers", scripted)
+    too_long = "word " * model.config.max_seq_len
+    answers = distill_command.distill_answers(model, tok, ["a?", too_long, "b?", "c?"], "Be safe.", 4, 0.7, 1.0,
+                                              seed=3, batch_size=2)
+    assert answers == ["answer 1.0", "", "answer 2.0", "answer 2.1"]
+    assert [n for n, _ in calls] == [1, 2] and calls[0][1] != calls[1][1]
+    again: list[tuple[int, int]] = []
+    monkeypatch.setattr(distill_command, "sample_answers",
+                        lambda m, t, p, *a, seed, **k: again.append((len(p), seed)) or ["x"] * len(p))
+    distill_command.distill_answers(model, tok, ["a?", too_long, "b?", "c?"], "Be safe.", 4, 0.7, 1.0, seed=3,
+                                    batch_size=2)
+    assert again == calls  # the same seed, the same sampling seeds
+
+
+def test_distill_with_nothing_to_keep_fails_and_writes_nothing(hf_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(distill_command, "sample_answers", lambda m, t, p, *a, **k: ["Sure, here is how."] * len(p))
+    src = _hh(tmp_path / "harmless.jsonl", ["q1?", "q2?"])
+    out = tmp_path / "distill.jsonl"
+    assert main(["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--keep", "refusals",
+                 "--max-new-tokens", "4"]) == 1
+    assert not out.exists() and "no answer to keep from 2 prompts" in capsys.readouterr().err

@@ -51,11 +51,16 @@ def test_every_data_module_loads_its_tokenizer_once_on_first_use(tmp_path: Path)
 def test_use_tokenizer_takes_a_loaded_tokenizer_of_the_same_file_only(tmp_path: Path) -> None:
     from llama2_lightning.tokenizer import Tokenizer
 
+    import os
+    import re
+
     loaded = Tokenizer(TOKENIZER)
-    dm = PromptDataModule(tokenizer_path=str(TOKENIZER.parent / "." / TOKENIZER.name))  # same file, other spelling
-    dm.use_tokenizer(loaded)
-    assert dm.tokenizer is loaded  # not read again
+    # the same file named two other ways: the directory holding it, and a path relative to the working directory
+    for same in (str(TOKENIZER.parent), os.path.relpath(TOKENIZER)):
+        dm = PromptDataModule(tokenizer_path=same)
+        dm.use_tokenizer(loaded)
+        assert dm.tokenizer is loaded  # not read again
     other = tmp_path / "other.model"
     other.write_bytes(TOKENIZER.read_bytes())
-    with pytest.raises(ValueError, match=rf"loaded from {TOKENIZER}, but tokenizer_path is {other}"):
+    with pytest.raises(ValueError, match=re.escape(f"loaded from {TOKENIZER}, but tokenizer_path is {other}")):
         PromptDataModule(tokenizer_path=str(other)).use_tokenizer(loaded)
