@@ -33,8 +33,9 @@ from llama2_lightning.chat import Message, encode_prompt
 from llama2_lightning.chat_template import ChatTemplate
 from llama2_lightning.commands.arg_types import positive_int
 from llama2_lightning.commands.chat import add_model_arguments, load_chat_model, sample_answers
-from llama2_lightning.commands.gatt import read_dialogs
-from llama2_lightning.data.prompts import heldout_hh_prompts
+from llama2_lightning.commands.gatt import (
+    add_heldout_arguments, check_heldout_arguments, heldout_user_turns, read_dialogs,
+)
 from llama2_lightning.evaluation.refusal import is_refusal
 from llama2_lightning.jsonl import write_jsonl_atomic
 from llama2_lightning.model import Transformer
@@ -98,11 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprompt", default=SAFETY_PREPROMPT, help="the system turn answers are sampled with")
     parser.add_argument("--keep", choices=("all", "refusals"), default="all",
                         help="all: every non-empty answer (default); refusals: only answers the refusal rule counts")
-    parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
-                        help="with --format hh: skip prompts of the input's held-out split at this val_fraction")
-    parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed")
-    parser.add_argument("--heldout-max-prompt-len", type=positive_int, default=128,
-                        help="the held-out split's prompt bound in tokens")
+    add_heldout_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
     add_model_arguments(parser)
     return parser
@@ -115,22 +112,14 @@ def cli_distill(argv: list[str] | None = None) -> int:
     try:
         if not args.preprompt.strip():
             raise ValueError("--preprompt is empty")
-        if args.skip_heldout is not None and args.format != "hh":
-            raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
-        if args.skip_heldout is not None and not 0 < args.skip_heldout < 1:
-            raise ValueError(f"--skip-heldout is a held-out fraction in (0, 1), got {args.skip_heldout}")
+        check_heldout_arguments(args)
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     model, tokenizer, template = load_chat_model(parser, args)
-    exclude: frozenset[str] = frozenset()
     try:
-        if args.skip_heldout is not None:
-            held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
-                                      args.heldout_seed, args.chat_template)
-            exclude = frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
-        inputs = read_dialogs(args.input, args.limit, args.format, exclude=exclude)
+        inputs = read_dialogs(args.input, args.limit, args.format, exclude=heldout_user_turns(args, tokenizer))
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     origins = [origin for origin, _, _ in inputs]

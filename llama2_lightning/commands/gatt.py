@@ -180,6 +180,35 @@ def _enforcement_masks(model: Transformer, tokenizer: Tokenizer, enforced: Seque
     return {n: m for n, m in masks.items() if m is not None}
 
 
+def add_heldout_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--skip-heldout`` and the split it names, for a command that samples training data from an HH file
+    whose held-out prompts the ``evaluate`` command uses (``gatt``, ``distill``)."""
+    parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
+                        help="with --format hh: skip dialogs sharing a user turn with the input's held-out prompts at "
+                             "this val_fraction (evaluate's --prompt-val-fraction), so they are never trained on")
+    parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed (evaluate's --prompt-seed)")
+    parser.add_argument("--heldout-max-prompt-len", type=positive_int, default=128,
+                        help="the held-out split's prompt bound in tokens (evaluate's --max-prompt-len)")
+
+
+def check_heldout_arguments(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` for a ``--skip-heldout`` that cannot name a split (checked before the model loads)."""
+    if args.skip_heldout is not None and args.format != "hh":
+        raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
+    if args.skip_heldout is not None and not 0 < args.skip_heldout < 1:
+        raise ValueError(f"--skip-heldout is a held-out fraction in (0, 1) (evaluate's --prompt-val-fraction), "
+                         f"got {args.skip_heldout}")
+
+
+def heldout_user_turns(args: argparse.Namespace, tokenizer: Tokenizer) -> frozenset[str]:
+    """The user turns of the held-out prompts ``--skip-heldout`` keeps out (empty without it)."""
+    if args.skip_heldout is None:
+        return frozenset()
+    held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
+                              args.heldout_seed, args.chat_template)
+    return frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama2-lightning gatt",
@@ -207,12 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "capitals by upper-casing, ahoy by adding the closing word; short by --samples-per-turn alone)")
     parser.add_argument("--require-check", action="store_true",
                         help="drop a dialog whose last answer does not follow its checkable instruction")
-    parser.add_argument("--skip-heldout", type=float, default=None, metavar="FRACTION",
-                        help="with --format hh: skip dialogs sharing a user turn with the input's held-out prompts at "
-                             "this val_fraction (evaluate's --prompt-val-fraction), so GAtt never trains on them")
-    parser.add_argument("--heldout-seed", type=int, default=42, help="the held-out split's seed (evaluate's --prompt-seed)")
-    parser.add_argument("--heldout-max-prompt-len", type=positive_int, default=128,
-                        help="the held-out split's prompt bound in tokens (evaluate's --max-prompt-len)")
+    add_heldout_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="dialogs answered together, turn by turn")
     add_model_arguments(parser)
     return parser
@@ -243,23 +267,15 @@ def cli_gatt(argv: list[str] | None = None) -> int:
             checkable_instruction(name)
         if not checkable and args.instruction_set != "paper":
             raise ValueError("--checkable is empty")
-        if args.skip_heldout is not None and args.format != "hh":
-            raise ValueError("--skip-heldout needs --format hh (the held-out split is the HH prompt data's)")
-        if args.skip_heldout is not None and not 0 < args.skip_heldout < 1:
-            raise ValueError(f"--skip-heldout is a held-out fraction in (0, 1) (evaluate's --prompt-val-fraction), "
-                             f"got {args.skip_heldout}")
+        check_heldout_arguments(args)
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     model, tokenizer, template = load_chat_model(parser, args)
-    exclude: frozenset[str] = frozenset()
     try:
-        if args.skip_heldout is not None:
-            held = heldout_hh_prompts(args.input, tokenizer, args.heldout_max_prompt_len, args.skip_heldout,
-                                      args.heldout_seed, args.chat_template)
-            exclude = frozenset(m["content"] for p in held for m in p.messages if m["role"] == "user")
-        inputs = read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns, exclude)
+        inputs = read_dialogs(args.input, args.limit, args.format, args.min_turns, args.max_turns,
+                              heldout_user_turns(args, tokenizer))
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
 
