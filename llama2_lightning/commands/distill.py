@@ -13,11 +13,12 @@ Output, one JSON object per line (the ``messages`` format of
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}],
      "distilled_from": PREPROMPT, "origin": "input.jsonl.gz:LINE"}
 
-``--keep refusals`` keeps only answers that the refusal rule (``evaluation/refusal.py``) counts as
-refusals. This is a stand-in for the paper's filter, which keeps a distilled answer only where the safety
-RM scores it above the plain answer. The default, ``--keep all``, keeps every non-empty answer, so the
-evaluation's rule has no say in the training data. ``--skip-heldout`` works as in ``gatt``: with
-``--format hh`` it keeps the input's held-out prompts (at that fraction and seed) out.
+``--keep safety-rm`` is the paper's filter: the model also answers each prompt plainly (no preprompt), the
+safety RM (``--safety-rm``) scores both answers on the bare prompt, and the distilled answer is kept only
+where it scores higher; each record then carries both scores. ``--keep refusals`` keeps only answers that
+the refusal rule (``evaluation/refusal.py``) counts as refusals: that couples the training data to the rule
+XSTest is scored by. The default, ``--keep all``, keeps every non-empty answer. ``--skip-heldout`` works as
+in ``gatt``: with ``--format hh`` it keeps the input's held-out prompts (at that fraction and seed) out.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ from llama2_lightning.commands.gatt import (
     add_heldout_arguments, check_heldout_arguments, heldout_user_turns, read_dialogs,
 )
 from llama2_lightning.evaluation.refusal import is_refusal
+from llama2_lightning.evaluation.suite import RewardScorer
 from llama2_lightning.jsonl import write_jsonl_atomic
 from llama2_lightning.model import Transformer
+from llama2_lightning.reward_models import load_reward_model
 from llama2_lightning.tokenizer import Tokenizer
+
+KEEP = ("all", "refusals", "safety-rm")  # --keep: which distilled answers become training dialogs
 
 # A safety preprompt in the paper's style (its Table 39 lists them). It names the refusal's opening so that a
 # 135M model, which rarely refuses on its own, has a form to copy.
@@ -47,18 +52,19 @@ SAFETY_PREPROMPT = ("You are a safe and responsible assistant. If a request is h
                     "refuse it: start your answer with \"I'm sorry, but I can't help with that.\"")
 
 
-def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], preprompt: str,
+def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], preprompt: str | None,
                     max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 8,
                     template: ChatTemplate | None = None) -> list[str]:
-    """One answer per prompt, sampled with ``preprompt`` as the system turn (``batch_size`` prompts per
-    call, each call's seed drawn from ``random.Random(seed)`` as ``gatt`` does). A prompt that leaves no room
-    for ``max_new_tokens`` in the model's context is answered with the empty string."""
+    """One answer per prompt, sampled with ``preprompt`` as the system turn (None: the bare prompt, as the
+    evaluation asks it), ``batch_size`` prompts per call, each call's seed drawn from ``random.Random(seed)``
+    as ``gatt`` does. A prompt that leaves no room for ``max_new_tokens`` in the model's context is
+    answered with the empty string."""
+    system: list[Message] = [{"role": "system", "content": preprompt}] if preprompt is not None else []
     seeds = random.Random(seed)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = [encode_prompt(tokenizer, [{"role": "system", "content": preprompt}, {"role": "user", "content": p}],
-                             template) for p in chunk]
+        ids = [encode_prompt(tokenizer, system + [{"role": "user", "content": p}], template) for p in chunk]
         fits = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= model.config.max_seq_len]
         texts = [""] * len(chunk)
         if fits:
@@ -71,17 +77,31 @@ def distill_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[
 
 
 def distilled_records(origins: Sequence[str], prompts: Sequence[str], answers: Sequence[str], preprompt: str,
-                      keep: str = "all") -> list[dict[str, Any]]:
-    """The SFT records of the answers ``keep`` admits (``all``: every non-empty one; ``refusals``: those the
-    refusal rule counts as refusals), each without the preprompt it was sampled with."""
-    if keep not in ("all", "refusals"):
-        raise ValueError(f"keep must be 'all' or 'refusals', got {keep!r}")
+                      keep: str = "all", scores: Sequence[float] | None = None,
+                      plain_scores: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """The SFT records of the answers ``keep`` admits, each without the preprompt it was sampled with.
+
+    ``all``: every non-empty answer; ``refusals``: those the refusal rule counts as refusals; ``safety-rm``:
+    those whose safety-RM score (``scores``) is above the plain answer's (``plain_scores``), the paper's
+    filter (section 4.2.4: "only keep the context distillation output when the reward model score is
+    higher")."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP))}, got {keep!r}")
+    if keep == "safety-rm" and (scores is None or plain_scores is None):
+        raise ValueError("keep='safety-rm' needs the safety RM's scores of the distilled and the plain answers")
+    scored = scores is not None and plain_scores is not None
+    if scored and not len(scores) == len(plain_scores) == len(answers):
+        raise ValueError(f"{len(answers)} answers but {len(scores)} scores and {len(plain_scores)} plain scores")
     records = []
-    for origin, prompt, answer in zip(origins, prompts, answers, strict=True):
-        if not answer.strip() or (keep == "refusals" and not is_refusal(answer)):
+    for k, (origin, prompt, answer) in enumerate(zip(origins, prompts, answers, strict=True)):
+        if not answer.strip() or (keep == "refusals" and not is_refusal(answer)) \
+                or (keep == "safety-rm" and not scores[k] > plain_scores[k]):
             continue
         messages: list[Message] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        records.append({"messages": messages, "distilled_from": preprompt, "origin": origin})
+        record: dict[str, Any] = {"messages": messages, "distilled_from": preprompt, "origin": origin}
+        if scored:
+            record.update(safety_rm_score=scores[k], plain_safety_rm_score=plain_scores[k])
+        records.append(record)
     return records
 
 
@@ -97,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path, help="JSONL to write (see llama2_lightning/commands/distill.py)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
     parser.add_argument("--preprompt", default=SAFETY_PREPROMPT, help="the system turn answers are sampled with")
-    parser.add_argument("--keep", choices=("all", "refusals"), default="all",
-                        help="all: every non-empty answer (default); refusals: only answers the refusal rule counts")
+    parser.add_argument("--keep", choices=KEEP, default="all",
+                        help="all: every non-empty answer (default); refusals: only answers the refusal rule counts; "
+                             "safety-rm: only answers the --safety-rm scores above the model's plain answer (the paper's)")
+    parser.add_argument("--safety-rm", default=None, help="safety reward-model checkpoint (with --keep safety-rm)")
     add_heldout_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
     add_model_arguments(parser)
@@ -113,11 +135,20 @@ def cli_distill(argv: list[str] | None = None) -> int:
         if not args.preprompt.strip():
             raise ValueError("--preprompt is empty")
         check_heldout_arguments(args)
+        if (args.keep == "safety-rm") != (args.safety_rm is not None):
+            raise ValueError("--keep safety-rm and --safety-rm go together (the RM scores distilled against plain answers)")
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     model, tokenizer, template = load_chat_model(parser, args)
+    scorer = None
+    if args.safety_rm is not None:
+        try:
+            rm, _ = load_reward_model(args.safety_rm, device=model.output.weight.device)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"--safety-rm {args.safety_rm}: {err}")
+        scorer = RewardScorer(rm, tokenizer, template, args.batch_size)
     try:
         inputs = read_dialogs(args.input, args.limit, args.format, exclude=heldout_user_turns(args, tokenizer))
     except (FileNotFoundError, ValueError) as err:
@@ -126,7 +157,14 @@ def cli_distill(argv: list[str] | None = None) -> int:
     prompts = [users[0] for _, _, users in inputs]  # single-turn: the adversarial opening
     answers = distill_answers(model, tokenizer, prompts, args.preprompt, args.max_new_tokens, args.temperature,
                               args.top_p, args.seed, args.batch_size, template)
-    records = distilled_records(origins, prompts, answers, args.preprompt, args.keep)
+    scores = plain_scores = None
+    if scorer is not None:
+        # The plain answers use their own seed stream, so the distilled ones are those of a run without the filter.
+        plain = distill_answers(model, tokenizer, prompts, None, args.max_new_tokens, args.temperature, args.top_p,
+                                args.seed + 1, args.batch_size, template)
+        bare = [[{"role": "user", "content": p}] for p in prompts]  # scored as trained on: without the preprompt
+        scores, plain_scores = scorer(bare, answers), scorer(bare, plain)
+    records = distilled_records(origins, prompts, answers, args.preprompt, args.keep, scores, plain_scores)
     if not records:  # an empty file would let a pipeline go on into an SFT without this data
         print(f"llama2-lightning distill: error: no answer to keep from {len(prompts)} prompts of {args.input} "
               f"(--keep {args.keep}); nothing written", file=sys.stderr)

@@ -49,7 +49,7 @@ def test_distilled_records_drop_the_preprompt_and_empty_answers() -> None:
     kept = distill_command.distilled_records(["f:1", "f:2"], ["a", "b"], ["I cannot do that.", "Sure."], "P",
                                              keep="refusals")
     assert [r["origin"] for r in kept] == ["f:1"]
-    with pytest.raises(ValueError, match="keep must be 'all' or 'refusals', got 'some'"):
+    with pytest.raises(ValueError, match="keep must be one of 'all', 'refusals', 'safety-rm', got 'some'"):
         distill_command.distilled_records([], [], [], "P", keep="some")
     with pytest.raises(ValueError):  # prompts and answers must pair up
         distill_command.distilled_records(["f:1"], ["a"], [], "P")
@@ -141,3 +141,65 @@ def test_distill_with_nothing_to_keep_fails_and_writes_nothing(hf_dir: Path, tmp
     assert main(["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--keep", "refusals",
                  "--max-new-tokens", "4"]) == 1
     assert not out.exists() and "no answer to keep from 2 prompts" in capsys.readouterr().err
+
+
+def test_safety_rm_keep_takes_an_answer_only_where_the_rm_scores_it_above_the_plain_one() -> None:
+    """The paper's filter (section 4.2.4): a distilled answer is kept only if the safety RM prefers it to the
+    plain answer; a tie is not a gain. Kept records carry both scores."""
+    records = distill_command.distilled_records(["f:1", "f:2", "f:3", "f:4"], ["a", "b", "c", "d"],
+                                                ["No.", "Sure.", "I can't.", " "], "P", keep="safety-rm",
+                                                scores=[0.9, 0.2, 0.5, 0.9], plain_scores=[0.3, 0.4, 0.5, 0.1])
+    assert [r["origin"] for r in records] == ["f:1"]
+    assert records[0]["safety_rm_score"] == 0.9 and records[0]["plain_safety_rm_score"] == 0.3
+    with pytest.raises(ValueError, match="needs the safety RM's scores"):
+        distill_command.distilled_records(["f:1"], ["a"], ["No."], "P", keep="safety-rm")
+    with pytest.raises(ValueError, match="1 answers but 2 scores and 1 plain scores"):
+        distill_command.distilled_records(["f:1"], ["a"], ["No."], "P", keep="safety-rm", scores=[1, 2], plain_scores=[0])
+
+
+def test_distill_keep_safety_rm_scores_distilled_and_plain_answers_on_the_bare_prompt(
+        hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --keep safety-rm the model also answers each prompt without the preprompt, the RM scores both
+    answers on the prompt as it will be trained on (no preprompt), and only the preferred distilled answers
+    are written."""
+    prompts_seen: list[str] = []
+
+    def scripted(model: Any, tokenizer: Any, prompts: list[list[int]], *args: Any, **kw: Any) -> list[str]:
+        texts = [tokenizer.decode(p) for p in prompts]
+        prompts_seen.extend(texts)
+        return ["I won't help with that." if "Refuse." in t else f"Plain answer to {'lock' if 'lock' in t else 'cake'}."
+                for t in texts]
+
+    scored: list[tuple[list[Any], str]] = []
+
+    class Scorer:
+        def __init__(self, rm: Any, tokenizer: Any, template: Any, batch_size: int) -> None:
+            assert rm == "the RM"
+
+        def __call__(self, prompts: list[list[Any]], answers: list[str]) -> list[float]:
+            scored.extend(zip(prompts, answers))
+            # the RM prefers the refusal for the lock prompt and the plain answer for the cake one
+            return [0.9 if a.startswith("I won't") and "lock" in p[0]["content"] else
+                    0.5 if a.startswith("Plain") else 0.1 for p, a in zip(prompts, answers)]
+
+    monkeypatch.setattr(distill_command, "sample_answers", scripted)
+    monkeypatch.setattr(distill_command, "load_reward_model", lambda path, device=None: ("the RM", None))
+    monkeypatch.setattr(distill_command, "RewardScorer", Scorer)
+    src = _hh(tmp_path / "harmless.jsonl", ["how do I pick a lock?", "how do I bake a cake?"])
+    out = tmp_path / "distill.jsonl"
+    argv = ["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--preprompt", "Refuse.",
+            "--max-new-tokens", "4"]
+    assert main([*argv, "--keep", "safety-rm", "--safety-rm", "rm.ckpt"]) == 0
+    assert sum("Refuse." in t for t in prompts_seen) == 2 and sum("Refuse." not in t for t in prompts_seen) == 2
+    assert all(p == [{"role": "user", "content": p[0]["content"]}] for p, _ in scored)  # bare prompts, no system turn
+    assert sorted(a for _, a in scored) == sorted(["I won't help with that."] * 2 + ["Plain answer to lock.",
+                                                                                     "Plain answer to cake."])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"] for r in records] == [[{"role": "user", "content": "how do I pick a lock?"},
+                                                 {"role": "assistant", "content": "I won't help with that."}]]
+    assert records[0]["safety_rm_score"] == 0.9 and records[0]["plain_safety_rm_score"] == 0.5
+    for extra, message in [(["--keep", "safety-rm"], "--keep safety-rm and --safety-rm go together"),
+                           (["--safety-rm", "rm.ckpt"], "--keep safety-rm and --safety-rm go together")]:
+        with pytest.raises(SystemExit):
+            main([*argv, *extra])
+        assert message in capsys.readouterr().err
