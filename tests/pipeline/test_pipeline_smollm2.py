@@ -112,11 +112,19 @@ def test_smollm2_pipeline_wires_the_recipe(monkeypatch: pytest.MonkeyPatch) -> N
     gatt = configs["gatt"]["argv"]
     assert gatt[gatt.index("--checkpoint") + 1] == GGUF and "--require-check" in gatt
     # every evaluate stage scores with both reward models; the RLHF chain starts from the previous round
-    for name in ("eval-sft", "eval-rs-v1", "eval-rs-v2", "eval-final"):
+    for name in ("eval-sft", "eval-cd", "eval-rs-v1", "eval-rs-v2", "eval-final"):
         argv = configs[name]["argv"]
         assert argv[argv.index("--helpful-rm") + 1] == str(pipe.output("rm-helpful"))
         assert argv[argv.index("--safety-rm") + 1] == str(pipe.output("rm-safety"))
-    chain = [("sft", "rs-v1"), ("rs-v1", "rs-v2"), ("rs-v2", "ppo-v3")]
+    # context distillation: the SFT model's answers, filtered by the safety RM, trained from the SFT model
+    distill = configs["distill"]["argv"]
+    assert distill[distill.index("--checkpoint") + 1] == str(pipe.output("sft"))
+    assert distill[distill.index("--safety-rm") + 1] == str(pipe.output("rm-safety"))
+    assert distill[distill.index("--keep") + 1] == "safety-rm"
+    assert distill[distill.index("--input") + 1].endswith("hh_harmless_pairs.jsonl.gz")
+    sources = configs["sft-cd"]["data"]["init_args"]["sources"]
+    assert [s["path"] for s in sources] == [sft["data"]["init_args"]["sources"][0]["path"], str(pipe.output("distill"))]
+    chain = [("sft", "sft-cd"), ("sft-cd", "rs-v1"), ("rs-v1", "rs-v2"), ("rs-v2", "ppo-v3")]
     for prev, stage in chain:
         assert configs[stage]["model"]["init_args"]["init_from"] == str(pipe.output(prev))
     pool = [c for c in configs["rs-v2"]["trainer"]["callbacks"] if c["class_path"].endswith("RejectionSamplingCallback")]
@@ -162,6 +170,9 @@ def tiny_smollm2_pipeline(tmp_path: Path, gguf: Path) -> Path:
         if stage.get("command") == "gatt":  # sampled, not greedy: a random model's greedy answer is one token
             stage["args"] = {**stage["args"], "checkpoint": str(gguf), "limit": 4, "max-new-tokens": 6,
                              "temperature": 1.0, "top-p": 1.0, "require-check": False, "batch-size": 4}
+        elif stage.get("command") == "distill":
+            stage["args"] = {**stage["args"], "limit": 8, "max-new-tokens": 6, "temperature": 1.0, "top-p": 1.0,
+                             "batch-size": 4, "tokenizer": str(gguf)}
         elif stage.get("command") == "evaluate":
             args = {**stage["args"], **{k: v for k, v in small_eval.items() if k in stage["args"] or k == "tokenizer"}}
             if "checkpoint" in args and args["checkpoint"] is not None:
@@ -215,10 +226,19 @@ def test_tiny_smollm2_pipeline_hands_each_stage_a_real_checkpoint_and_reports_ev
     for rm in ("rm-helpful", "rm-safety"):
         trunk = _part(out[rm], "model.trunk.")
         assert set(trunk) <= set(sft) and not _same(trunk, {k: sft[k] for k in trunk})
-    for prev, stage in [("sft", "rs-v1"), ("rs-v1", "rs-v2"), ("rs-v2", "ppo-v3")]:
+    for prev, stage in [("sft-cd", "rs-v1"), ("rs-v1", "rs-v2"), ("rs-v2", "ppo-v3")]:
         assert _same(_part(out[stage], "ref_model."), _part(out[prev], "model.")), stage
+    # distill -> sft-cd: dialogs the safety RM preferred to the plain answers, trained on from the SFT model
+    distilled = [json.loads(line) for line in pipe.output("distill").read_text().splitlines()]
+    assert distilled and all(d["safety_rm_score"] > d["plain_safety_rm_score"] for d in distilled)
+    assert all([m["role"] for m in d["messages"]] == ["user", "assistant"] for d in distilled)
+    cd_cfg = yaml.safe_load((pipe.stage_dir("sft-cd") / "stage-config.yaml").read_text())
+    assert cd_cfg["model"]["init_args"]["init_from"] == str(pipe.output("sft"))
+    assert cd_cfg["data"]["init_args"]["sources"][1]["path"] == str(pipe.output("distill"))
+    assert not _same(_part(out["sft-cd"], "model."), sft)
     # each evaluate stage read the checkpoint of the stage it names, and wrote every section it was asked for
-    for ev, source in [("eval-sft", "sft"), ("eval-rs-v1", "rs-v1"), ("eval-rs-v2", "rs-v2"), ("eval-final", "ppo-v3")]:
+    for ev, source in [("eval-sft", "sft"), ("eval-cd", "sft-cd"), ("eval-rs-v1", "rs-v1"), ("eval-rs-v2", "rs-v2"),
+                       ("eval-final", "ppo-v3")]:
         result = json.loads(pipe.output(ev).read_text())
         assert result["checkpoint"] == str(pipe.output(source))
         assert result["xstest"]["n_unsafe"] == result["xstest"]["n_safe"] == 3
@@ -235,7 +255,8 @@ def test_tiny_smollm2_pipeline_hands_each_stage_a_real_checkpoint_and_reports_ev
                     "## Reward models against length baselines", "## 3 held-out prompts: eval-sft vs eval-final",
                     "eval-sft → eval-final: unsafe compliance", "before GAtt SFT (eval-base)", "longer wins"):
         assert section in report, section
-    assert "| eval-sft (sft) |" in report and "| eval-rs-v2 (rs-v2) |" in report  # the trade-off over rounds
+    assert "| eval-sft (sft) |" in report and "| eval-cd (sft-cd) |" in report  # the trade-off over rounds
+    assert "| eval-rs-v2 (rs-v2) |" in report
     summary = json.loads((pipe.run_dir / "evaluation-summary.json").read_text())
     assert 0.0 <= summary["helpfulness"]["lc_win_rate"] <= 1.0
     assert {"rm-helpful/hh_helpful", "rm-safety/hh_harmless"} <= set(summary["reward_models"])
