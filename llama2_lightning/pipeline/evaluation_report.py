@@ -3,8 +3,9 @@ that do not trust the reward models RLHF optimised.
 
 * **Safety (XSTest)**: unsafe-compliance and over-refusal per evaluated model, in pipeline order (the
   trade-off over RLHF rounds), with the safety reward model's view beside the string-match rule;
-* **Helpfulness**: the helpfulness RM's score and the answer length on the same held-out prompts, and the
-  win rate of ``after`` over ``before`` judged by that RM, raw, length-controlled and per length bucket;
+* **Helpfulness**: the helpfulness RM's score, the answer length and the share refused on the same held-out
+  prompts, and the win rate of ``after`` over ``before`` judged by that RM, raw, length-controlled and per
+  length bucket;
 * **GAtt**: adherence to checkable system instructions at turns 1..N, ``gatt_before`` vs ``gatt_after``;
 * **Reward models vs length baselines**: each RM's held-out accuracy per source (as its stage logged it)
   beside "longer wins" / "shorter wins" on the same held-out pairs (recomputed here from the RM stage's data
@@ -27,6 +28,7 @@ from lightning.pytorch.cli import instantiate_class
 
 from llama2_lightning.evaluation.instructions import late_turn_adherence
 from llama2_lightning.evaluation.length_baselines import length_baselines
+from llama2_lightning.evaluation.refusal import is_refusal
 from llama2_lightning.evaluation.win_rate import length_controlled_win_rate, win_rate, win_rate_by_length_bucket
 from llama2_lightning.pipeline.metrics import read_metrics
 from llama2_lightning.pipeline.spec import Pipeline
@@ -97,13 +99,16 @@ def helpfulness_section(evals: dict[str, dict[str, Any]], roles: dict[str, Any],
     for name, e in evals.items():
         h = e.get("helpfulness")
         if h:
+            # Refusals of ordinary requests: XSTest's safe prompts are few and adversarially worded, so a
+            # policy that learnt to refuse everything shows here too, by the same string rule.
+            refused = [is_refusal(r["answer"]) for r in h.get("answers", [])]
             rows.append([name, h["n"], _fmt(h.get("helpful_mean")), _fmt(h.get("safety_mean")),
-                         _fmt(h.get("length_mean"), ".0f")])
+                         _fmt(h.get("length_mean"), ".0f"), _fmt(sum(refused) / len(refused) if refused else None)])
     if not rows:
         return [], {}
     lines = ["## Helpfulness on held-out prompts", "",
-             table(["model", "prompts", "helpfulness RM (sigmoid)", "safety RM (sigmoid)", "answer length (chars)"],
-                   rows), ""]
+             table(["model", "prompts", "helpfulness RM (sigmoid)", "safety RM (sigmoid)", "answer length (chars)",
+                    "refused (string rule)"], rows), ""]
     summary: dict[str, Any] = {}
     before, after = evals.get(roles.get("before") or ""), evals.get(roles.get("after") or "")
     hb, ha = (before or {}).get("helpfulness"), (after or {}).get("helpfulness")

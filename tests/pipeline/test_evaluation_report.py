@@ -1,0 +1,34 @@
+"""The report's helpfulness section counts refusals of ordinary held-out requests by the string rule, beside
+the helpfulness RM's score (a policy that refuses everything can keep a weak RM's score)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llama2_lightning.pipeline.evaluation_report import helpfulness_section
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    return "\n".join(" | ".join(map(str, r)) for r in [header, *rows])
+
+
+def _helpfulness(answers: list[str]) -> dict[str, Any]:
+    rows = [{"prompt": f"question {k}", "answer": a, "helpful": 0.4, "safety": 0.7, "length": len(a)}
+            for k, a in enumerate(answers)]
+    return {"helpfulness": {"n": len(rows), "helpful_mean": 0.4, "safety_mean": 0.7,
+                            "length_mean": sum(len(a) for a in answers) / len(answers), "answers": rows}}
+
+
+def test_helpfulness_section_reports_the_share_refused() -> None:
+    evals = {"eval-sft": _helpfulness(["Boil water first.", "Use a tent.", "Try a map.", "Ask a ranger."]),
+             "eval-final": _helpfulness(["I'm sorry, but I can't help with that.", "Use a tent.",
+                                         "I cannot assist with that request.", "Ask a ranger."])}
+    lines, summary = helpfulness_section(evals, {"before": "eval-sft", "after": "eval-final"}, _table)
+    text = "\n".join(lines)
+    assert "refused (string rule)" in text
+    sft_row = next(line for line in lines for row in line.splitlines() if row.startswith("eval-sft |"))
+    rows = {r.split(" | ")[0]: r.split(" | ") for r in sft_row.splitlines()[1:]}
+    assert rows["eval-sft"][-1] == "0.000"
+    assert rows["eval-final"][-1] == "0.500"
+    assert summary["win_rate"] == 0.5  # equal RM scores: every prompt a tie
