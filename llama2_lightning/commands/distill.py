@@ -171,6 +171,8 @@ def cli_distill(argv: list[str] | None = None) -> int:
         return 1
     write_jsonl_atomic(args.output, records)
     refused = sum(is_refusal(a) for a in answers if a.strip())
-    print(f"wrote {len(records)} distilled dialogs to {args.output} ({len(prompts)} prompts; {refused} answers are "
-          f"refusals by evaluation/refusal.py; {sum(not a.strip() for a in answers)} empty or too long, dropped)")
+    kept_refused = sum(is_refusal(r["messages"][-1]["content"]) for r in records)
+    print(f"wrote {len(records)} distilled dialogs to {args.output} ({len(prompts)} prompts; by evaluation/refusal.py "
+          f"{refused} distilled answers are refusals, {kept_refused} of the kept ones; "
+          f"{sum(not a.strip() for a in answers)} empty or too long, dropped)")
     return 0

@@ -198,6 +198,7 @@ def test_distill_keep_safety_rm_scores_distilled_and_plain_answers_on_the_bare_p
     assert [r["messages"] for r in records] == [[{"role": "user", "content": "how do I pick a lock?"},
                                                  {"role": "assistant", "content": "I won't help with that."}]]
     assert records[0]["safety_rm_score"] == 0.9 and records[0]["plain_safety_rm_score"] == 0.5
+    assert "2 distilled answers are refusals, 1 of the kept ones" in capsys.readouterr().out
     for extra, message in [(["--keep", "safety-rm"], "--keep safety-rm and --safety-rm go together"),
                            (["--safety-rm", "rm.ckpt"], "--keep safety-rm and --safety-rm go together")]:
         with pytest.raises(SystemExit):
