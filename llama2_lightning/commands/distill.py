@@ -11,7 +11,8 @@ Output, one JSON object per line (the ``messages`` format of
 :class:`~llama2_lightning.data.sft.SFTDataModule`)::
 
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}],
-     "distilled_from": PREPROMPT, "origin": "input.jsonl.gz:LINE"}
+     "distilled_from": PREPROMPT, "origin": "input.jsonl.gz:LINE",
+     "safety_rm_score": 0.81, "plain_safety_rm_score": 0.74}      # the scores only with --safety-rm
 
 ``--keep safety-rm`` is the paper's filter: the model also answers each prompt plainly (no preprompt), the
 safety RM (``--safety-rm``) scores both answers on the bare prompt, and the distilled answer is kept only
@@ -89,18 +90,20 @@ def distilled_records(origins: Sequence[str], prompts: Sequence[str], answers: S
         raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP))}, got {keep!r}")
     if keep == "safety-rm" and (scores is None or plain_scores is None):
         raise ValueError("keep='safety-rm' needs the safety RM's scores of the distilled and the plain answers")
-    scored = scores is not None and plain_scores is not None
-    if scored and not len(scores) == len(plain_scores) == len(answers):
-        raise ValueError(f"{len(answers)} answers but {len(scores)} scores and {len(plain_scores)} plain scores")
+    pairs: list[tuple[float, float]] | None = None  # (distilled, plain) score per answer
+    if scores is not None and plain_scores is not None:
+        if not len(scores) == len(plain_scores) == len(answers):
+            raise ValueError(f"{len(answers)} answers but {len(scores)} scores and {len(plain_scores)} plain scores")
+        pairs = list(zip(scores, plain_scores))
     records = []
     for k, (origin, prompt, answer) in enumerate(zip(origins, prompts, answers, strict=True)):
         if not answer.strip() or (keep == "refusals" and not is_refusal(answer)) \
-                or (keep == "safety-rm" and not scores[k] > plain_scores[k]):
+                or (pairs is not None and keep == "safety-rm" and not pairs[k][0] > pairs[k][1]):
             continue
         messages: list[Message] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         record: dict[str, Any] = {"messages": messages, "distilled_from": preprompt, "origin": origin}
-        if scored:
-            record.update(safety_rm_score=scores[k], plain_safety_rm_score=plain_scores[k])
+        if pairs is not None:
+            record.update(safety_rm_score=pairs[k][0], plain_safety_rm_score=pairs[k][1])
         records.append(record)
     return records
 
@@ -118,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
     parser.add_argument("--preprompt", default=SAFETY_PREPROMPT, help="the system turn answers are sampled with")
     parser.add_argument("--keep", choices=KEEP, default="all",
-                        help="all: every non-empty answer (default); refusals: only answers the refusal rule counts; "
-                             "safety-rm: only answers the --safety-rm scores above the model's plain answer (the paper's)")
+                        help="all: every non-empty answer (default); refusals: only answers the refusal rule "
+                             "counts; safety-rm: only answers the --safety-rm scores above the model's plain "
+                             "answer (the paper's)")
     parser.add_argument("--safety-rm", default=None, help="safety reward-model checkpoint (with --keep safety-rm)")
     add_heldout_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
@@ -136,7 +140,8 @@ def cli_distill(argv: list[str] | None = None) -> int:
             raise ValueError("--preprompt is empty")
         check_heldout_arguments(args)
         if (args.keep == "safety-rm") != (args.safety_rm is not None):
-            raise ValueError("--keep safety-rm and --safety-rm go together (the RM scores distilled against plain answers)")
+            raise ValueError("--keep safety-rm and --safety-rm go together "
+                             "(the RM scores distilled against plain answers)")
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
     except (FileNotFoundError, ValueError) as err:

@@ -4,6 +4,7 @@ written SFT dialogs drop it (paper section 4.2.4)."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,8 @@ def test_safety_rm_keep_takes_an_answer_only_where_the_rm_scores_it_above_the_pl
     with pytest.raises(ValueError, match="needs the safety RM's scores"):
         distill_command.distilled_records(["f:1"], ["a"], ["No."], "P", keep="safety-rm")
     with pytest.raises(ValueError, match="1 answers but 2 scores and 1 plain scores"):
-        distill_command.distilled_records(["f:1"], ["a"], ["No."], "P", keep="safety-rm", scores=[1, 2], plain_scores=[0])
+        distill_command.distilled_records(["f:1"], ["a"], ["No."], "P", keep="safety-rm", scores=[1, 2],
+                                          plain_scores=[0])
 
 
 def test_distill_keep_safety_rm_scores_distilled_and_plain_answers_on_the_bare_prompt(
@@ -164,9 +166,12 @@ def test_distill_keep_safety_rm_scores_distilled_and_plain_answers_on_the_bare_p
     are written."""
     prompts_seen: list[str] = []
 
+    seeds: dict[bool, list[int]] = {True: [], False: []}  # sampling seeds with / without the preprompt
+
     def scripted(model: Any, tokenizer: Any, prompts: list[list[int]], *args: Any, **kw: Any) -> list[str]:
         texts = [tokenizer.decode(p) for p in prompts]
         prompts_seen.extend(texts)
+        seeds["Refuse." in texts[0]].append(kw["seed"])
         return ["I won't help with that." if "Refuse." in t else f"Plain answer to {'lock' if 'lock' in t else 'cake'}."
                 for t in texts]
 
@@ -189,9 +194,12 @@ def test_distill_keep_safety_rm_scores_distilled_and_plain_answers_on_the_bare_p
     out = tmp_path / "distill.jsonl"
     argv = ["distill", "--input", str(src), "--output", str(out), "--checkpoint", str(hf_dir), "--preprompt", "Refuse.",
             "--max-new-tokens", "4"]
-    assert main([*argv, "--keep", "safety-rm", "--safety-rm", "rm.ckpt"]) == 0
+    assert main([*argv, "--keep", "safety-rm", "--safety-rm", "rm.ckpt", "--seed", "5"]) == 0
+    # the distilled answers are those of a run without the filter (seed 5); the plain ones have their own stream
+    assert seeds == {True: [random.Random(5).randrange(2**31)], False: [random.Random(6).randrange(2**31)]}
     assert sum("Refuse." in t for t in prompts_seen) == 2 and sum("Refuse." not in t for t in prompts_seen) == 2
-    assert all(p == [{"role": "user", "content": p[0]["content"]}] for p, _ in scored)  # bare prompts, no system turn
+    assert all(len(p) == 1 and p[0]["role"] == "user" for p, _ in scored)  # bare prompts, no system turn
+    assert sorted(p[0]["content"] for p, _ in scored) == sorted(["how do I pick a lock?", "how do I bake a cake?"] * 2)
     assert sorted(a for _, a in scored) == sorted(["I won't help with that."] * 2 + ["Plain answer to lock.",
                                                                                      "Plain answer to cake."])
     records = [json.loads(line) for line in out.read_text().splitlines()]

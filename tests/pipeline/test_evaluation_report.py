@@ -27,8 +27,8 @@ def test_helpfulness_section_reports_the_share_refused() -> None:
     lines, summary = helpfulness_section(evals, {"before": "eval-sft", "after": "eval-final"}, _table)
     text = "\n".join(lines)
     assert "refused (string rule)" in text
-    sft_row = next(line for line in lines for row in line.splitlines() if row.startswith("eval-sft |"))
-    rows = {r.split(" | ")[0]: r.split(" | ") for r in sft_row.splitlines()[1:]}
+    table_text = next(line for line in lines if "refused (string rule)" in line)
+    rows = {r.split(" | ")[0]: r.split(" | ") for r in table_text.splitlines()[1:]}
     assert rows["eval-sft"][-1] == "0.000"
     assert rows["eval-final"][-1] == "0.500"
     assert summary["win_rate"] == 0.5  # equal RM scores: every prompt a tie

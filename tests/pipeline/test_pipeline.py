@@ -73,18 +73,23 @@ def test_shipped_pipelines_wire_every_input_to_an_earlier_stage(monkeypatch: pyt
         fits = [s for s in pipe.stages if s.command is None]  # command stages (gatt, evaluate) in between
         names = [s.name for s in fits]
         kinds = [configs[n]["model"]["class_path"].rsplit(".", 1)[-1] for n in names]
-        # [pretraining ->] SFT -> both RMs -> RLHF, in that order, each RLHF stage scoring with both RMs
+        # [pretraining ->] SFT -> both RMs [-> context-distillation SFT] -> RLHF, in that order, each RLHF
+        # stage scoring with both RMs
         lm = 2 if kinds[0] == "PretrainModule" else 1  # a real model's pipeline starts from its weights
         assert kinds[:lm + 2] == ["PretrainModule", "SFTModule", "RewardModule", "RewardModule"][2 - lm:], path
-        rl = names[lm + 2:]
-        assert {kinds[names.index(n)] for n in rl} == {"RLHFModule"}
+        rest = names[lm + 2:]
+        cd = rest[:next(k for k, n in enumerate(rest) if kinds[names.index(n)] != "SFTModule")]
+        rl = rest[len(cd):]
+        assert {kinds[names.index(n)] for n in rl} == {"RLHFModule"}, path
+        for prev, stage in zip([names[lm - 1], *cd], cd):  # the distillation SFT goes on from the SFT model
+            assert configs[stage]["model"]["init_args"]["init_from"] == str(pipe.output(prev)), f"{path}: {stage}"
         algos = [stage_kind(configs[n]) for n in rl]  # the experience callback decides
         assert algos[:-1] == ["rejection_sampling"] * (len(algos) - 1) and algos[-1] == "ppo"
         for stage in fits:
             assert configs[stage.name]["trainer"]["default_root_dir"] == str(pipe.stage_dir(stage.name))
-        for prev, stage in zip(names[lm + 1:], rl):
+        for prev, stage in zip([(cd or names[lm - 1:lm])[-1], *rl], rl):
             init = configs[stage]["model"]["init_args"]["init_from"]
-            expected = names[lm - 1] if stage == rl[0] else prev
+            expected = prev
             assert init == str(pipe.output(expected)), f"{path}: {stage} must start from {expected}"
         for name in rl:
             reward = configs[name]["model"]["init_args"]["reward"]["init_args"]
