@@ -3,14 +3,10 @@ the helpfulness RM's score (a policy that refuses everything can keep a weak RM'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from llama2_lightning.pipeline.evaluation_report import helpfulness_section
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    return "\n".join(" | ".join(map(str, r)) for r in [header, *rows])
+from llama2_lightning.pipeline.report import md_table
 
 
 def _helpfulness(answers: list[str]) -> dict[str, Any]:
@@ -24,11 +20,11 @@ def test_helpfulness_section_reports_the_share_refused() -> None:
     evals = {"eval-sft": _helpfulness(["Boil water first.", "Use a tent.", "Try a map.", "Ask a ranger."]),
              "eval-final": _helpfulness(["I'm sorry, but I can't help with that.", "Use a tent.",
                                          "I cannot assist with that request.", "Ask a ranger."])}
-    lines, summary = helpfulness_section(evals, {"before": "eval-sft", "after": "eval-final"}, _table)
-    text = "\n".join(lines)
-    assert "refused (string rule)" in text
+    lines, summary = helpfulness_section(evals, {"before": "eval-sft", "after": "eval-final"}, md_table)
     table_text = next(line for line in lines if "refused (string rule)" in line)
-    rows = {r.split(" | ")[0]: r.split(" | ") for r in table_text.splitlines()[1:]}
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table_text.splitlines()]
+    assert cells[0][-1] == "refused (string rule)"
+    rows = {r[0]: r for r in cells[2:]}  # below the header and its rule
     assert rows["eval-sft"][-1] == "0.000"
     assert rows["eval-final"][-1] == "0.500"
     assert summary["win_rate"] == 0.5  # equal RM scores: every prompt a tie

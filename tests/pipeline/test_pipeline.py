@@ -89,8 +89,7 @@ def test_shipped_pipelines_wire_every_input_to_an_earlier_stage(monkeypatch: pyt
             assert configs[stage.name]["trainer"]["default_root_dir"] == str(pipe.stage_dir(stage.name))
         for prev, stage in zip([(cd or names[lm - 1:lm])[-1], *rl], rl):
             init = configs[stage]["model"]["init_args"]["init_from"]
-            expected = prev
-            assert init == str(pipe.output(expected)), f"{path}: {stage} must start from {expected}"
+            assert init == str(pipe.output(prev)), f"{path}: {stage} must start from {prev}"
         for name in rl:
             reward = configs[name]["model"]["init_args"]["reward"]["init_args"]
             assert reward["helpful_checkpoint"] == str(pipe.output(names[lm]))
