@@ -28,6 +28,25 @@ SHARED_DATA = Path(os.environ.get("LLAMA2_LIGHTNING_SHARED_DATA", ROOT.parent / 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# What Lightning writes into os.environ when a test trains in-process under a distributed strategy. Left
+# behind, a later test's `fit` subprocess inherits MASTER_PORT and its rank 0 cannot listen there while
+# this process still holds the port (EADDRINUSE, its other ranks orphaned): under pytest-xdist every
+# worker runs many such tests in one process.
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                    "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env() -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
