@@ -29,6 +29,7 @@ from lightning.pytorch.cli import instantiate_class
 from llama2_lightning.evaluation.instructions import late_turn_adherence
 from llama2_lightning.evaluation.length_baselines import length_baselines
 from llama2_lightning.evaluation.refusal import is_refusal
+from llama2_lightning.evaluation.sampling_error import binomial_standard_error
 from llama2_lightning.evaluation.win_rate import length_controlled_win_rate, win_rate, win_rate_by_length_bucket
 from llama2_lightning.pipeline.metrics import read_metrics
 from llama2_lightning.pipeline.spec import Pipeline
@@ -155,9 +156,18 @@ def gatt_section(evals: dict[str, dict[str, Any]], roles: dict[str, Any], table:
                               *[_fmt(x[0], ".2f") for x in a["by_instruction"][k]["by_turn"]]]
                              for k in b["by_instruction"] if k in a["by_instruction"]]), ""]
         if late(b) is not None and late(a) is not None:
+            n = late_answers(a)
             lines += [f"Turns 3+: {late(b):.3f} before GAtt SFT ({roles['gatt_before']}) → {late(a):.3f} after "
-                      f"({roles['gatt_after']}), {100 * (late(a) - late(b)):+.1f} points (the bar is +20)."]
+                      f"({roles['gatt_after']}), {100 * (late(a) - late(b)):+.1f} points (the bar is +20), on {n} "
+                      "answers each; the binomial standard error of the later rate is "
+                      f"±{100 * binomial_standard_error(late(a), n):.1f} points, a lower bound since a dialog's "
+                      "turns are correlated."]
     return lines + [""], summary
+
+
+def late_answers(gatt: dict[str, Any]) -> int:
+    """How many answers the turns-3+ rate averages: per instruction, each turn's ``[mean, count]`` count."""
+    return sum(count for v in gatt["by_instruction"].values() for _, count in v["by_turn"][2:])
 
 
 def _heldout_length_baselines(data: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -190,18 +200,23 @@ def reward_model_section(pipe: Pipeline, configs: dict[str, dict[str, Any]], kin
             acc = next((r[f"val/accuracy_by_source/{source}"] for r in reversed(metrics)
                         if f"val/accuracy_by_source/{source}" in r), None)
             best = max(base["longer_wins"], base["shorter_wins"])
-            rows.append([name, source, base["pairs"], _fmt(acc), _fmt(base["longer_wins"]), _fmt(base["shorter_wins"]),
-                         "n/a" if acc is None else f"{100 * (acc - best):+.1f}"])
-            summary[f"{name}/{source}"] = {"accuracy": acc, **base}
+            se = None if acc is None else binomial_standard_error(acc, base["pairs"])
+            rows.append([name, source, base["pairs"], _fmt(acc), _fmt(se), _fmt(base["longer_wins"]),
+                         _fmt(base["shorter_wins"]),
+                                      "n/a" if acc is None else f"{100 * (acc - best):+.1f}"])
+            summary[f"{name}/{source}"] = {"accuracy": acc, "standard_error": se, **base}
     if not rows:
         return [], {}
     return ["## Reward models against length baselines", "",
-            table(["reward model", "held-out source", "pairs", "RM accuracy", "longer wins", "shorter wins",
+            table(["reward model", "held-out source", "pairs", "RM accuracy", "± s.e.", "longer wins", "shorter wins",
                    "points over the better baseline"], rows), "",
             "RM accuracy is the value the stage logged on its held-out pairs (split by content; all of them unless "
-            "the stage set `limit_val_batches`); the baselines rank the same pairs by answer length alone. A reward model near its better baseline has learned length, not "
+            "the stage set `limit_val_batches`, which also makes the s.e. below an underestimate); the baselines rank "
+            "the same pairs by answer length alone. A reward model near its better baseline has learned length, not "
             "preference. Read each model on its own source (helpfulness on `hh_helpful`, safety on `hh_harmless`); "
-            "the bar is 5 points over the better baseline.", ""], summary
+            "the bar is 5 points over the better baseline. ± s.e. is the accuracy's binomial standard error on "
+            "that many pairs (`evaluation/sampling_error.py`): a gap to the bar within about twice it is not "
+            "resolved by these pairs.", ""], summary
 
 
 def answers_section(evals: dict[str, dict[str, Any]], roles: dict[str, Any], table: Table) -> list[str]:
