@@ -202,8 +202,7 @@ def reward_model_section(pipe: Pipeline, configs: dict[str, dict[str, Any]], kin
             best = max(base["longer_wins"], base["shorter_wins"])
             se = None if acc is None else binomial_standard_error(acc, base["pairs"])
             rows.append([name, source, base["pairs"], _fmt(acc), _fmt(se), _fmt(base["longer_wins"]),
-                         _fmt(base["shorter_wins"]),
-                                      "n/a" if acc is None else f"{100 * (acc - best):+.1f}"])
+                         _fmt(base["shorter_wins"]), "n/a" if acc is None else f"{100 * (acc - best):+.1f}"])
             summary[f"{name}/{source}"] = {"accuracy": acc, "standard_error": se, **base}
     if not rows:
         return [], {}
