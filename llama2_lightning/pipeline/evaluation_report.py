@@ -155,13 +155,14 @@ def gatt_section(evals: dict[str, dict[str, Any]], roles: dict[str, Any], table:
                             [[k, *[_fmt(x[0], ".2f") for x in b["by_instruction"][k]["by_turn"]],
                               *[_fmt(x[0], ".2f") for x in a["by_instruction"][k]["by_turn"]]]
                              for k in b["by_instruction"] if k in a["by_instruction"]]), ""]
-        if late(b) is not None and late(a) is not None:
-            n = late_answers(a)
-            lines += [f"Turns 3+: {late(b):.3f} before GAtt SFT ({roles['gatt_before']}) → {late(a):.3f} after "
-                      f"({roles['gatt_after']}), {100 * (late(a) - late(b)):+.1f} points (the bar is +20), on {n} "
-                      "answers each; the binomial standard error of the later rate is "
-                      f"±{100 * binomial_standard_error(late(a), n):.1f} points, a lower bound since a dialog's "
-                      "turns are correlated."]
+        lb, la = summary[roles["gatt_before"]]["late"], summary[roles["gatt_after"]]["late"]
+        if lb is not None and la is not None:
+            nb, na = late_answers(b), late_answers(a)
+            sample = f"{na} answers each" if nb == na else f"{nb} and {na} answers"
+            lines += [f"Turns 3+: {lb:.3f} before GAtt SFT ({roles['gatt_before']}) → {la:.3f} after "
+                      f"({roles['gatt_after']}), {100 * (la - lb):+.1f} points (the bar is +20), on {sample}; the "
+                      f"binomial standard error of the later rate is ±{100 * binomial_standard_error(la, na):.1f} "
+                      "points, a lower bound since a dialog's turns are correlated."]
     return lines + [""], summary
 
 
